@@ -1,0 +1,45 @@
+# Two commands: `make run` trains the main variant, `make test` runs the test suite.
+# Both create .venv when it is missing and install the project into it.
+
+VENV    ?= .venv
+PYTHON  ?= python3
+BIN     := $(VENV)/bin
+# Pinned here, not in pyproject.toml: on this machine kind pip takes exactly these two
+# from local disk; any other version (or uv) downloads gigabytes. Override on other hosts,
+# e.g. `make run TORCH="torch torchvision"`.
+TORCH   ?= torch==2.14.1 torchvision==0.29.1
+P       ?=
+
+.PHONY: run test test-fast install install-test clean-venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Stamps re-run the install whenever pyproject.toml changes.
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+# `mlflow run --env-manager local` runs the entry point's `python` from PATH, so the venv
+# goes first on PATH. Extra parameters: make run P="-P dataset=synthetic -P max_steps=50"
+run: install
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mlflow run . --env-manager local -P skip=false $(P)
+
+test: install-test
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The quick loop while developing: everything but the slow integration tests.
+test-fast: install-test
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

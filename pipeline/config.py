@@ -1,0 +1,171 @@
+"""The run configuration: the only home of defaults and of the rules for valid values.
+
+Every field is one name end to end: MLproject parameter ``batch_size`` -> CLI option
+``--batch-size`` -> ``cfg.batch_size`` -> MLflow param ``batch_size``. Parsing takes the
+strings that ``mlflow run -P`` and click hand over, so the same rules apply on every route.
+Torch-free on purpose: the CLI validates here before anything heavy is imported.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+# The five layers the founding notebook probed, from the stem to the head.
+DEFAULT_LAYERS = ("conv1", "layer1.0.conv1", "layer2.0.conv2", "layer3.5.conv3", "fc")
+
+# Allowed values. models.MODELS must list the same names (a test checks it).
+MODELS = ("resnet50",)
+OPTIMIZERS = ("adam", "sgd")
+DATASETS = ("cifar10", "synthetic", "imagefolder")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("default", "fp32", "bf16")
+
+# ResNet-50 downsamples by 32 (stride-2 stem, stride-2 max-pool, three stride-2 stages).
+# Below this the last stage works on padding alone, so we refuse it.
+MIN_IMAGE_SIZE = 32
+
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no")
+
+
+class ConfigError(ValueError):
+    """A bad parameter value. ``str()`` is the one line the user sees."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+def _param(default: Any, help: str, **rules: Any) -> Any:
+    return field(default=default, metadata={"help": help, **rules})
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- the experiment: the founding notebook's recipe -----------------------------
+    skip: bool = _param(False, "skip connections on (true) or off (false, the notebook's run)")
+    model: str = _param("resnet50", "network; ResNet-50 without BatchNorm", choices=MODELS)
+    epochs: int = _param(10, "passes over the training set", min=1)
+    batch_size: int = _param(16, "images per training step", min=1)
+    lr: float = _param(0.001, "learning rate", positive=True)
+    optimizer: str = _param("adam", "adam (the notebook's), or sgd with momentum 0.9", choices=OPTIMIZERS)
+    image_size: int = _param(224, "px, square; CIFAR's 32 px images are resized to this",
+                             min=MIN_IMAGE_SIZE)
+    seed: int = _param(0, "seeds weights, data order and synthetic data", min=0)
+    layers: tuple[str, ...] = _param(DEFAULT_LAYERS, "comma-separated module names to probe")
+
+    # --- data ------------------------------------------------------------------------
+    dataset: str = _param("cifar10", "cifar10 (torchvision download), synthetic, or imagefolder",
+                          choices=DATASETS)
+    data_dir: str = _param("data", "where the dataset lives or is downloaded to")
+    # 'auto' = one worker per core, at most 8: at 224 px the PIL resize costs ~1 ms per
+    # image (measurements.md: 17.6 ms per batch of 16 on one core), so it needs them all.
+    num_workers: str = _param("auto", "data loader worker processes: auto or an integer >= 0")
+    synthetic_size: int = _param(5000, "training images in the synthetic dataset", min=1)
+    synthetic_test_size: int = _param(1000, "test images in the synthetic dataset", min=1)
+
+    # --- run control -----------------------------------------------------------------
+    max_steps: int = _param(0, "stop after this many training batches (0 = no limit); "
+                               "also caps test batches, for smoke runs", min=0)
+    device: str = _param("auto", "auto (cuda if available, else cpu), cpu or cuda", choices=DEVICES)
+    precision: str = _param("default", "default (PyTorch's: TF32 convs on Ampere+), fp32 "
+                                       "(strict IEEE) or bf16 (autocast)", choices=PRECISIONS)
+    # Norms wait on the device this many steps before one readback: the copy is the only
+    # device->host traffic of the probes, so a larger value means fewer, larger transfers.
+    flush_every: int = _param(100, "steps between readbacks of the on-device norm buffer", min=1)
+
+    # ------------------------------------------------------------------------------------
+    @property
+    def variant(self) -> str:
+        return "skip" if self.skip else "noskip"
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.model}-{self.variant}"
+
+    def resolved_num_workers(self, cpu_count: int | None) -> int:
+        if self.num_workers != "auto":
+            return int(self.num_workers)
+        return max(1, min(8, cpu_count or 1))
+
+    def to_params(self) -> dict[str, str]:
+        """Each field as the string MLflow stores; defaults render as MLproject writes them."""
+        return {f.name: format_value(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_strings(cls, values: Mapping[str, str | None]) -> "Config":
+        """Parse strings (from ``-P`` or the CLI); a missing or None value takes the default."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for name, raw in values.items():
+            if name not in known:
+                raise ConfigError(name, f"unknown parameter; known: {', '.join(known)}")
+            if raw is not None:
+                kwargs[name] = parse_field(known[name], raw)
+        return cls(**kwargs)
+
+
+def fields() -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(Config)
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value)
+
+
+def parse_bool(name: str, raw: str) -> bool:
+    text = str(raw).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(name, f"{raw!r} is not a boolean; allowed: true/false, 1/0, yes/no (any case)")
+
+
+def parse_field(f: dataclasses.Field, raw: Any) -> Any:
+    name, meta, text = f.name, f.metadata, str(raw).strip()
+    if f.type == "bool":
+        return parse_bool(name, text)
+    if f.type == "int":
+        lo = meta.get("min")
+        try:
+            value = int(text)
+        except ValueError:
+            raise ConfigError(name, f"{raw!r} is not an integer; allowed: integers >= {lo}") from None
+        if lo is not None and value < lo:
+            raise ConfigError(name, f"{value} is too small; allowed: integers >= {lo}")
+        return value
+    if f.type == "float":
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or (meta.get("positive") and value <= 0):
+            raise ConfigError(name, f"{raw!r} is not allowed; allowed: a finite number > 0")
+        return value
+    if name == "layers":
+        layers = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+        if not layers:
+            raise ConfigError(name, "the list is empty; give comma-separated module names, "
+                                    f"e.g. {','.join(DEFAULT_LAYERS)}")
+        return layers
+    if name == "num_workers":
+        if text.lower() == "auto":
+            return "auto"
+        if not text.isdigit():
+            raise ConfigError(name, f"{raw!r} is not allowed; allowed: auto or an integer >= 0")
+        return str(int(text))
+    choices = meta.get("choices")
+    if choices is not None:
+        if text.lower() not in choices:
+            raise ConfigError(name, f"{raw!r} is not allowed; allowed: {', '.join(choices)}")
+        return text.lower()
+    if not text:
+        raise ConfigError(name, "must not be empty")
+    return text

@@ -1,0 +1,131 @@
+"""Datasets and loaders: CIFAR-10 (torchvision), an ImageFolder tree, or synthetic images.
+
+Every dataset yields PIL images through the notebook's transform, Resize((size, size)) +
+ToTensor with no normalisation, so all three feed the network the same kind of input.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets, transforms
+
+from .config import Config
+
+NUM_CLASSES = 10
+
+
+class DataError(RuntimeError):
+    """Data that is missing, unreachable or unreadable. ``str()`` is the one line shown."""
+
+
+def notebook_transform(image_size: int) -> transforms.Compose:
+    # Exactly the founding notebook's: bilinear (antialiased) PIL resize, then [0, 1] floats.
+    return transforms.Compose([transforms.Resize((image_size, image_size)), transforms.ToTensor()])
+
+
+class SyntheticCIFAR(Dataset):
+    """Deterministic CIFAR-shaped images (32x32 RGB, 10 classes) that a network can learn.
+
+    Each class owns a smooth random colour pattern; an image is its class pattern, shifted
+    by a random offset, plus noise. Fully determined by ``seed`` (and ``train``), generated
+    once as uint8 so it costs 3 KB per image.
+    """
+
+    def __init__(self, size: int, seed: int, train: bool = True, transform=None):
+        self.transform = transform
+        g = torch.Generator().manual_seed(seed)  # patterns: shared by train and test
+        coarse = torch.rand(NUM_CLASSES, 3, 4, 4, generator=g)
+        patterns = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear",
+                                                   align_corners=False)
+        g.manual_seed(seed * 2 + (0 if train else 1) + 1)  # draws: differ between splits
+        self.targets = torch.randint(0, NUM_CLASSES, (size,), generator=g)
+        shifts = torch.randint(-4, 5, (size, 2), generator=g)
+        noise = torch.randn(size, 3, 32, 32, generator=g) * 0.15
+        images = patterns[self.targets] + noise
+        images = torch.stack([torch.roll(im, tuple(s.tolist()), dims=(1, 2))
+                              for im, s in zip(images, shifts)])
+        self.data = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        self.targets = self.targets.tolist()
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        image = Image.fromarray(self.data[i])  # HWC uint8, as torchvision's CIFAR10 stores it
+        return (self.transform(image) if self.transform else image), self.targets[i]
+
+
+@dataclass
+class Data:
+    train: DataLoader
+    test: DataLoader
+    source: str          # where the images came from, for the run's description
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train)
+
+
+def _cifar10(cfg: Config, transform) -> tuple[Dataset, Dataset, str]:
+    root = Path(cfg.data_dir)
+    try:
+        # download=True is a no-op when the files are present: torchvision checks every
+        # file's MD5 before it unpickles anything, so a tampered batch is refused unread.
+        train = datasets.CIFAR10(root, train=True, download=True, transform=transform)
+        test = datasets.CIFAR10(root, train=False, download=True, transform=transform)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; torchvision raises RuntimeError
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(
+            f"data_dir: CIFAR-10 is not in {root.resolve()}/cifar-10-batches-py and could not "
+            f"be downloaded ({reason}); copy it there, or use -P dataset=imagefolder "
+            f"-P data_dir=DIR (DIR/train/<class>/*.jpg) or -P dataset=synthetic") from None
+    return train, test, f"torchvision CIFAR10 at {root.resolve()}"
+
+
+def _imagefolder(cfg: Config, transform) -> tuple[Dataset, Dataset, str]:
+    root = Path(cfg.data_dir)
+    splits = []
+    for split in ("train", "test"):
+        folder = root / split
+        try:
+            splits.append(datasets.ImageFolder(folder, transform=transform))
+        except (FileNotFoundError, OSError) as e:
+            raise DataError(f"data_dir: {folder.resolve()} is not an image folder "
+                            f"(expected {split}/<class>/<image>): {str(e).splitlines()[0]}") from None
+    if splits[0].classes != splits[1].classes:
+        raise DataError(f"data_dir: train and test in {root.resolve()} have different classes")
+    if len(splits[0].classes) != NUM_CLASSES:
+        raise DataError(f"data_dir: {root.resolve()}/train has {len(splits[0].classes)} classes; "
+                        f"the network's head has {NUM_CLASSES}")
+    return splits[0], splits[1], f"ImageFolder at {root.resolve()}"
+
+
+def _synthetic(cfg: Config, transform) -> tuple[Dataset, Dataset, str]:
+    train = SyntheticCIFAR(cfg.synthetic_size, cfg.seed, train=True, transform=transform)
+    test = SyntheticCIFAR(cfg.synthetic_test_size, cfg.seed, train=False, transform=transform)
+    return train, test, f"synthetic CIFAR-shaped data (seed {cfg.seed})"
+
+
+def build(cfg: Config, device: torch.device) -> Data:
+    """Datasets and loaders for ``cfg``; raises DataError with one line when data is missing."""
+    transform = notebook_transform(cfg.image_size)
+    make = {"cifar10": _cifar10, "imagefolder": _imagefolder, "synthetic": _synthetic}[cfg.dataset]
+    train, test, source = make(cfg, transform)
+
+    workers = cfg.resolved_num_workers(os.cpu_count())
+    common = dict(batch_size=cfg.batch_size, num_workers=workers,
+                  pin_memory=device.type == "cuda",  # lets the host->device copy run async
+                  persistent_workers=workers > 0)
+    # The order of every epoch follows from the seed alone (the notebook shuffled too).
+    order = torch.Generator().manual_seed(cfg.seed)
+    return Data(
+        train=DataLoader(train, shuffle=True, generator=order, drop_last=False, **common),
+        test=DataLoader(test, shuffle=False, **common),
+        source=source,
+    )

@@ -1,0 +1,35 @@
+"""Metric keys, tags and artifact paths: a public API, built here and nowhere else.
+
+Users query these names (README, "Metric names and artifact paths"), and the compare step
+reads them back, so changing one is a breaking change.
+"""
+
+GRAD_NORM_PREFIX = "grad_norm/"
+
+# Every training batch, step = global batch index from 0.
+TRAIN_LOSS = "train/loss"
+
+# Once per epoch, step = epoch index from 0.
+TRAIN_ACCURACY = "train/accuracy"
+TEST_ACCURACY = "test/accuracy"
+TEST_LOSS = "test/loss"
+EPOCH_SECONDS = "epoch_seconds"
+IMAGES_PER_SECOND = "train/images_per_second"
+
+# Artifacts.
+GRADIENTS_JSON = "gradients/gradients.json"     # {layer: [norm per batch, ...]}, the notebook's shape
+GRADIENT_PLOT = "plots/gradient_norms.png"
+
+# Tags.
+VARIANT_TAG = "variant"                        # "skip" | "noskip"
+MODEL_TAG = "model"
+NOTE_TAG = "mlflow.note.content"               # the run description the UI shows
+
+
+def grad_norm(layer: str) -> str:
+    """``grad_norm/layer1.0.conv1``: L2 norm of dLoss/d(output of that module)."""
+    return GRAD_NORM_PREFIX + layer
+
+
+def layer_of(key: str) -> str:
+    return key[len(GRAD_NORM_PREFIX):]

@@ -1,0 +1,144 @@
+"""Gradient probes: the L2 norm of dLoss/d(output) of chosen modules, every training step.
+
+What is measured is the founding notebook's ``grad_output[0].norm()``: the gradient of the
+loss with respect to the module's output. Two things differ, both on purpose:
+
+* Accuracy. Early-layer gradients of the no-skip network are ~1e-21; their squares (~1e-42)
+  are below float32's smallest subnormal, so a float32 norm reads 0.0 or is off by a factor
+  of several (shared/reference/measurements.md). We reduce in float64: ``vector_norm(g,
+  dtype=float64)`` casts inside the reduction, so entries down to ~1e-150 are exact enough.
+* No host sync. The notebook's hook calls ``.item()``, a CPU-GPU sync per layer per step.
+  Here each hook adds a squared norm into a row of a float64 buffer that lives on the
+  device; the host copies the buffer out every ``flush_every`` steps with one non-blocking
+  copy, and a background thread waits for it (``Chunk.values``), never the training loop.
+
+Squared norms are summed per row, so a module called several times in one forward (a shared
+ReLU, say) reports the norm over all its outputs together; the square root is taken on the
+host at readback.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import ConfigError
+
+
+def check_layers(model: nn.Module, names: tuple[str, ...], image_size: int) -> None:
+    """Refuse names that are not modules of ``model`` or that its forward pass never calls.
+
+    Cheap enough to run before any data work: the liveness check runs the model on the
+    meta device, which computes shapes only.
+    """
+    modules = dict(model.named_modules())
+    modules.pop("", None)  # the model itself has no name to probe
+    for name in names:
+        if name not in modules:
+            close = difflib.get_close_matches(name, modules.keys(), n=5, cutoff=0.5)
+            hint = f"closest: {', '.join(close)}" if close else f"e.g. {', '.join(list(modules)[:5])}"
+            raise ConfigError("layers", f"{name!r} is not a module of this model; {hint}")
+
+    called: set[str] = set()
+    meta = copy.deepcopy(model).to("meta")
+    meta_modules = dict(meta.named_modules())
+    handles = [meta_modules[n].register_forward_hook(lambda m, i, o, n=n: called.add(n)) for n in names]
+    try:
+        with torch.no_grad():
+            meta(torch.empty(1, 3, image_size, image_size, device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+    unused = [n for n in names if n not in called]
+    if unused:
+        raise ConfigError("layers", f"{', '.join(unused)} never run(s) in this model's forward pass "
+                                    "(a downsample conv with skip off, say), so it has no gradient")
+
+
+@dataclass
+class Chunk:
+    """Rows ``first_step .. first_step+n-1`` of the buffer, on their way to the host."""
+
+    first_step: int
+    host: torch.Tensor                       # (n, layers + 1) float64: squared norms, then loss
+    event: torch.cuda.Event | None           # completes when the copy has landed
+    timestamps_ms: list[int] = field(default_factory=list)
+
+    def values(self) -> np.ndarray:
+        """Norms (square-rooted) and loss; blocks the *calling* thread until the copy lands."""
+        if self.event is not None:
+            self.event.synchronize()
+        out = self.host.numpy().copy()
+        out[:, :-1] = np.sqrt(out[:, :-1])
+        return out
+
+
+class GradientProbes:
+    """Forward hooks that attach a gradient hook to each probed module's output.
+
+    Use: ``begin``/``commit`` around each training step; ``commit`` returns a ``Chunk``
+    when ``flush_every`` rows are full, and ``drain`` returns the partial rest.
+    """
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...], flush_every: int,
+                 device: torch.device):
+        self.names = list(names)
+        self.flush_every = flush_every
+        self.device = device
+        # columns 0..L-1: squared output-gradient norm per layer; column L: the loss
+        self.buf = torch.zeros(flush_every, len(names) + 1, dtype=torch.float64, device=device)
+        self.row = 0                # host-side index: writing buf[self.row] costs no sync
+        self.step = 0               # global step of buf[0] + row
+        self._first_step = 0
+        self._timestamps: list[int] = []
+        modules = dict(model.named_modules())
+        self._handles = [modules[n].register_forward_hook(self._on_forward(i))
+                         for i, n in enumerate(names)]
+
+    def _on_forward(self, col: int):
+        def hook(module, inputs, output):
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            if torch.is_tensor(out) and out.requires_grad:  # eval / no_grad: nothing to record
+                out.register_hook(lambda g: self._record(col, g))
+        return hook
+
+    def _record(self, col: int, grad: torch.Tensor) -> None:
+        # float64 inside the reduction: see the module docstring. No .item(): stays on device.
+        sq = torch.linalg.vector_norm(grad, dtype=torch.float64).square()
+        self.buf[self.row, col] += sq
+
+    def commit(self, loss: torch.Tensor) -> Chunk | None:
+        """The step's one named moment: its norms are complete and the loss joins them."""
+        self.buf[self.row, -1].copy_(loss.detach())
+        self._timestamps.append(int(time.time() * 1000))
+        self.row += 1
+        self.step += 1
+        return self.drain() if self.row == self.flush_every else None
+
+    def drain(self) -> Chunk | None:
+        """Start copying the filled rows to the host and reset the buffer; never syncs."""
+        if self.row == 0:
+            return None
+        n = self.row
+        cuda = self.buf.is_cuda
+        host = torch.empty((n, self.buf.shape[1]), dtype=torch.float64, pin_memory=cuda)
+        host.copy_(self.buf[:n], non_blocking=cuda)
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        # Stream order makes this safe: the zeroing runs after the copy has read the rows.
+        self.buf.zero_()
+        chunk = Chunk(self._first_step, host, event, self._timestamps)
+        self._first_step, self._timestamps, self.row = self.step, [], 0
+        return chunk
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

@@ -1,0 +1,213 @@
+"""The training loop: the founding notebook's experiment, probed every step, logged to MLflow.
+
+``run(cfg)`` is the one code path behind ``mlflow run .`` and ``python -m pipeline train``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import data as data_mod
+from . import names, plots
+from .config import Config, ConfigError
+from .models import build_model
+from .probes import GradientProbes, check_layers
+from .progress import Progress
+from .tracking import Tracker
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", "cuda was asked for but no CUDA device is visible; "
+                                    "allowed here: auto, cpu")
+    return torch.device(name)
+
+
+@contextlib.contextmanager
+def precision_mode(precision: str, device: torch.device):
+    """Yield an autocast factory for the forward pass; restore global flags afterwards.
+
+    ``default`` leaves PyTorch alone, which on Ampere and newer runs fp32 convolutions as
+    TF32, as the notebook ran. ``fp32`` turns TF32 off (strict IEEE; ~2.5x slower on H200,
+    measurements.md). ``bf16`` autocasts; norms are still reduced in float64.
+    """
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    if precision == "fp32":
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        if precision == "bf16":
+            yield lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+        else:
+            yield contextlib.nullcontext
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr)  # the notebook's
+
+
+def describe(cfg: Config, source: str) -> str:
+    skip = "with skip connections" if cfg.skip else "without skip connections (the notebook's run)"
+    return (f"**{cfg.model}** (no BatchNorm) {skip}, trained for {cfg.epochs} epoch(s) on "
+            f"{source} at {cfg.image_size}x{cfg.image_size}, batch {cfg.batch_size}, "
+            f"{cfg.optimizer} lr {cfg.lr}, seed {cfg.seed}"
+            + (f", stopped after {cfg.max_steps} batches" if cfg.max_steps else "") + ".\n\n"
+            f"Every batch logs `grad_norm/<layer>`: the float64 L2 norm of dLoss/d(layer output) "
+            f"for {', '.join(f'`{layer}`' for layer in cfg.layers)}.")
+
+
+def result_table(gradients: dict[str, list[float]]) -> str:
+    rows = ["| layer | median | min | max | last | zero steps |", "|---|---:|---:|---:|---:|---:|"]
+    for layer, values in gradients.items():
+        v = np.asarray(values, dtype=np.float64)
+        if not len(v):
+            continue
+        rows.append(f"| `{layer}` | {np.median(v):.3g} | {v.min():.3g} | {v.max():.3g} | "
+                    f"{v[-1]:.3g} | {(v == 0).mean():.0%} |")
+    return "\n".join(rows)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, autocast, max_batches: int):
+    """Mean loss and accuracy on the test split; one host sync at the end."""
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    for i, (x, y) in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast():
+            out = model(x)
+        loss_sum += nn.functional.cross_entropy(out.float(), y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
+        seen += y.numel()
+    model.train()
+    return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)
+
+
+def run(cfg: Config) -> str:
+    """Train one variant and log it; returns the MLflow run ID."""
+    # --- 1. check everything cheap before any download or device work -----------------
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)  # the init draws, in the notebook's module order
+    model = build_model(cfg.model, skip=cfg.skip)
+    check_layers(model, cfg.layers, cfg.image_size)
+
+    # --- 2. data (may download) ---------------------------------------------------------
+    data = data_mod.build(cfg, device)
+
+    # --- 3. the MLflow run --------------------------------------------------------------
+    tracker = Tracker.start(cfg.run_name, cfg.to_params(), {
+        names.VARIANT_TAG: cfg.variant, names.MODEL_TAG: cfg.model,
+        "device.resolved": str(device), "steps_per_epoch": str(data.steps_per_epoch),
+    })
+    tracker.set_note(describe(cfg, data.source))
+    try:
+        with precision_mode(cfg.precision, device) as autocast:
+            gradients, summary = _train(cfg, model, data, device, autocast, tracker)
+        _log_artifacts(cfg, tracker, gradients, summary, data)
+    except KeyboardInterrupt:
+        tracker.end("KILLED", "interrupted (KeyboardInterrupt)")
+        raise
+    except BaseException as e:
+        tracker.end("FAILED", f"{type(e).__name__}: {e}")
+        raise
+    tracker.end("FINISHED")
+    return tracker.run_id
+
+
+def _train(cfg, model, data, device, autocast, tracker):
+    model.to(device).train()
+    optimizer = make_optimizer(cfg, model)
+    criterion = nn.CrossEntropyLoss()
+    probes = GradientProbes(model, cfg.layers, cfg.flush_every, device)
+    keys = [names.grad_norm(layer) for layer in cfg.layers] + [names.TRAIN_LOSS]
+    steps_per_epoch = data.steps_per_epoch
+    total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    progress = Progress(cfg.epochs, steps_per_epoch, cfg.batch_size, total)
+    tracker.stream(keys, on_values=progress.on_values)
+
+    step, summary = 0, {}
+    try:
+        for epoch in range(cfg.epochs):
+            progress.start_epoch(epoch)
+            t0 = time.perf_counter()
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            seen = 0
+            for x, y in data.train:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                optimizer.zero_grad(set_to_none=True)
+                with autocast():
+                    out = model(x)
+                    loss = criterion(out, y)
+                loss.backward()  # the probes' hooks add this step's squared norms on device
+                optimizer.step()
+                correct += (out.argmax(1) == y).sum()  # on device: no sync
+                seen += y.numel()
+                # Measure, record, log: the step's norms and loss join in the device buffer;
+                # every flush_every steps a chunk leaves for the writer thread.
+                tracker.submit(probes.commit(loss))
+                progress.step(step)
+                step += 1
+                if cfg.max_steps and step >= cfg.max_steps:
+                    break
+            tracker.submit(probes.drain())
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # once per epoch, so the timing below is honest
+            train_seconds = time.perf_counter() - t0
+            test_loss, test_acc = evaluate(model, data.test, device, autocast,
+                                           max_batches=cfg.max_steps)
+            summary = {
+                names.TRAIN_ACCURACY: correct.item() / max(seen, 1),
+                names.TEST_ACCURACY: test_acc,
+                names.TEST_LOSS: test_loss,
+                names.EPOCH_SECONDS: time.perf_counter() - t0,
+                names.IMAGES_PER_SECOND: seen / max(train_seconds, 1e-9),
+            }
+            tracker.log_epoch(epoch, summary, int(time.time() * 1000))
+            progress.end_epoch(
+                f"loss {progress.last_loss:.4f} train acc {summary[names.TRAIN_ACCURACY]:.3f} "
+                f"test acc {test_acc:.3f} test loss {test_loss:.4f} "
+                f"({summary[names.IMAGES_PER_SECOND]:.0f} img/s)")
+            if cfg.max_steps and step >= cfg.max_steps:
+                break
+    finally:
+        progress.close()
+        probes.remove()
+
+    series = tracker.flush()
+    gradients = {layer: [v for _, v in sorted(series.get(names.grad_norm(layer), []))]
+                 for layer in cfg.layers}
+    summary["steps"] = step
+    return gradients, summary
+
+
+def _log_artifacts(cfg, tracker, gradients, summary, data) -> None:
+    tracker.log_dict(gradients, names.GRADIENTS_JSON)
+    variant = "with skip connections" if cfg.skip else "without skip connections"
+    fig = plots.gradient_norms(
+        gradients, f"Gradient norms - {cfg.model} ({variant}), {cfg.dataset} "
+                   f"{cfg.image_size}px, {cfg.optimizer} lr {cfg.lr}",
+        batches_per_epoch=data.steps_per_epoch)
+    try:
+        tracker.log_figure(fig, names.GRADIENT_PLOT)
+    finally:
+        plots.close(fig)
+    acc = summary.get(names.TEST_ACCURACY, math.nan)
+    tracker.set_note(describe(cfg, data.source) + "\n\n"
+                     f"**Result** after {summary['steps']} batches: test accuracy {acc:.3f}.\n\n"
+                     + result_table(gradients))
