@@ -1,3 +1,21 @@
 """Gradient flow in deep networks, tracked in MLflow. See README.md."""
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
 
 __version__ = "0.1.0"
+
+
+@functools.cache
+def code_version() -> str:
+    """A digest of this package's source: equal digests mean the same training code.
+
+    ``all`` reuses a finished run only when its ``code_version`` tag equals this, so an edit
+    to any module (even uncommitted) retrains instead of reusing a stale result.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]

@@ -1,8 +1,9 @@
 """Command line: parse, validate, dispatch. Nothing else lives here.
 
-Every option is generated from a ``Config`` field, so names, help and defaults have one
-home. Options arrive as strings and are parsed by ``Config.from_strings``: the same rules,
-and the same one-line errors, whether a value came from ``mlflow run -P`` or from a shell.
+Every option is generated from a field of a ``config`` dataclass, so names, help and
+defaults have one home. Options arrive as strings and are parsed by ``config.parse``: the
+same rules, and the same one-line errors, whether a value came from ``mlflow run -P`` or
+from a shell. Heavy imports (torch, mlflow) happen only after the input is valid.
 """
 from __future__ import annotations
 
@@ -15,21 +16,46 @@ from . import config
 EXIT_USAGE = 2  # bad input, as click and argparse use
 
 
-def _config_options(func):
-    for f in reversed(config.fields()):
-        default = config.format_value(f.default)
-        func = click.option(f"--{f.name.replace('_', '-')}", f.name, type=str, default=None,
-                            metavar=f.type.upper() if f.type in ("int", "float") else "TEXT",
-                            help=f"{f.metadata['help']} [default: {default}]")(func)
-    return func
+def _options(cls, exclude: tuple[str, ...] = ()):
+    """One ``--dashed-name`` string option per dataclass field; default None = the field's."""
+    def decorate(func):
+        for f in reversed(config.fields(cls)):
+            if f.name in exclude:
+                continue
+            metavar = {"int": "INT", "float": "FLOAT", "bool": "BOOL"}.get(f.type, "TEXT")
+            func = click.option(f"--{f.name.replace('_', '-')}", f.name, type=str, default=None,
+                                metavar=metavar, help=f"{f.metadata['help']} "
+                                f"[default: {config.format_value(f.default)}]")(func)
+        return func
+    return decorate
 
 
-def _refuse(message: str) -> "NoReturn":  # noqa: F821
+def _refuse(message: str):
     """One line on stderr, the pending MLflow run marked FAILED, exit 2."""
     click.echo(f"error: {message}", err=True)
     from .tracking import fail_pending_run  # mlflow only on this path; no torch
     fail_pending_run(message)
     sys.exit(EXIT_USAGE)
+
+
+def _dispatch(action):
+    """Run ``action``; turn the user's errors into one line and exit code 2."""
+    from .compare import QueryError
+    from .data import DataError
+    try:
+        return action()
+    except (config.ConfigError, DataError, QueryError) as e:
+        _refuse(str(e))
+    except KeyboardInterrupt:
+        click.echo("interrupted; the MLflow run was ended as KILLED", err=True)
+        sys.exit(130)
+
+
+def _parse(cls, values):
+    try:
+        return config.parse(cls, values)
+    except config.ConfigError as e:
+        _refuse(str(e))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,23 +64,36 @@ def cli() -> None:
 
 
 @cli.command()
-@_config_options
+@_options(config.Config)
 def train(**values: str | None) -> None:
     """Train one variant; log per-batch gradient norms, plots and JSON to MLflow."""
-    try:
-        cfg = config.Config.from_strings(values)
-    except config.ConfigError as e:
-        _refuse(str(e))
-    from . import train as train_mod  # torch is imported only once the input is valid
-    from .data import DataError
-    try:
-        run_id = train_mod.run(cfg)
-    except (config.ConfigError, DataError) as e:
-        _refuse(str(e))
-    except KeyboardInterrupt:
-        click.echo("interrupted; the MLflow run was ended as KILLED", err=True)
-        sys.exit(130)
-    click.echo(f"MLflow run {run_id} finished")
+    cfg = _parse(config.Config, values)
+    from . import train as train_mod
+    run_id = _dispatch(lambda: train_mod.run(cfg))
+    click.echo(f"MLflow run {run_id} ({cfg.run_name}) finished")
+
+
+@cli.command()
+@_options(config.CompareConfig)
+def compare(**values: str | None) -> None:
+    """Compare a skip and a no-skip run: plots, summary tables and a diagnosis."""
+    cmp = _parse(config.CompareConfig, values)
+    from . import compare as compare_mod
+    run_id = _dispatch(lambda: compare_mod.compare(cmp.experiment_or_none, cmp.run_ids,
+                                                   cmp.layer_list, config.to_params(cmp)))
+    click.echo(f"MLflow compare run {run_id} finished; see its comparison/ artifacts")
+
+
+@cli.command(name="all")
+@_options(config.Config, exclude=("skip",))
+@_options(config.AllConfig)
+def all_(force: str | None, **values: str | None) -> None:
+    """Train both variants (reusing finished runs), then compare them."""
+    cfg = _parse(config.Config, values)
+    opts = _parse(config.AllConfig, {"force": force})
+    from . import workflow
+    run_id = _dispatch(lambda: workflow.run_all(cfg, opts.force))
+    click.echo(f"MLflow run {run_id} (all) finished")
 
 
 def main() -> None:

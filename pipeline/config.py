@@ -54,7 +54,8 @@ class Config:
     image_size: int = _param(224, "px, square; CIFAR's 32 px images are resized to this",
                              min=MIN_IMAGE_SIZE)
     seed: int = _param(0, "seeds weights, data order and synthetic data", min=0)
-    layers: tuple[str, ...] = _param(DEFAULT_LAYERS, "comma-separated module names to probe")
+    layers: tuple[str, ...] = _param(DEFAULT_LAYERS, "comma-separated module names to probe",
+                                     kind="names")
 
     # --- data ------------------------------------------------------------------------
     dataset: str = _param("cifar10", "cifar10 (torchvision download), synthetic, or imagefolder",
@@ -62,7 +63,8 @@ class Config:
     data_dir: str = _param("data", "where the dataset lives or is downloaded to")
     # 'auto' = one worker per core, at most 8: at 224 px the PIL resize costs ~1 ms per
     # image (measurements.md: 17.6 ms per batch of 16 on one core), so it needs them all.
-    num_workers: str = _param("auto", "data loader worker processes: auto or an integer >= 0")
+    num_workers: str = _param("auto", "data loader worker processes: auto or an integer >= 0",
+                              kind="auto_or_int")
     synthetic_size: int = _param(5000, "training images in the synthetic dataset", min=1)
     synthetic_test_size: int = _param(1000, "test images in the synthetic dataset", min=1)
 
@@ -92,23 +94,16 @@ class Config:
 
     def to_params(self) -> dict[str, str]:
         """Each field as the string MLflow stores; defaults render as MLproject writes them."""
-        return {f.name: format_value(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return to_params(self)
 
     @classmethod
     def from_strings(cls, values: Mapping[str, str | None]) -> "Config":
         """Parse strings (from ``-P`` or the CLI); a missing or None value takes the default."""
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for name, raw in values.items():
-            if name not in known:
-                raise ConfigError(name, f"unknown parameter; known: {', '.join(known)}")
-            if raw is not None:
-                kwargs[name] = parse_field(known[name], raw)
-        return cls(**kwargs)
+        return parse(cls, values)
 
 
-def fields() -> tuple[dataclasses.Field, ...]:
-    return dataclasses.fields(Config)
+def fields(cls=None) -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(cls or Config)
 
 
 def format_value(value: Any) -> str:
@@ -149,13 +144,13 @@ def parse_field(f: dataclasses.Field, raw: Any) -> Any:
         if not math.isfinite(value) or (meta.get("positive") and value <= 0):
             raise ConfigError(name, f"{raw!r} is not allowed; allowed: a finite number > 0")
         return value
-    if name == "layers":
+    if meta.get("kind") == "names":
         layers = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
         if not layers:
             raise ConfigError(name, "the list is empty; give comma-separated module names, "
                                     f"e.g. {','.join(DEFAULT_LAYERS)}")
         return layers
-    if name == "num_workers":
+    if meta.get("kind") == "auto_or_int":
         if text.lower() == "auto":
             return "auto"
         if not text.isdigit():
@@ -169,3 +164,50 @@ def parse_field(f: dataclasses.Field, raw: Any) -> Any:
     if not text:
         raise ConfigError(name, "must not be empty")
     return text
+
+
+# --- the compare and all steps --------------------------------------------------------------
+LATEST, SHARED, CURRENT = "latest", "shared", "current"
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    experiment: str = _param(CURRENT, "experiment name or ID to look in; current = the one "
+                                      "MLflow logs to now (MLFLOW_EXPERIMENT_NAME/_ID or Default)")
+    runs: str = _param(LATEST, "two comma-separated run IDs, or latest = the newest FINISHED "
+                               "run of each variant (same model)")
+    layers: str = _param(SHARED, "comma-separated layers, or shared = every layer both runs probed")
+
+    @property
+    def experiment_or_none(self) -> str | None:
+        return None if self.experiment == CURRENT else self.experiment
+
+    @property
+    def run_ids(self) -> list[str] | None:
+        return None if self.runs == LATEST else [r.strip() for r in self.runs.split(",") if r.strip()]
+
+    @property
+    def layer_list(self) -> list[str] | None:
+        return None if self.layers == SHARED else [x.strip() for x in self.layers.split(",") if x.strip()]
+
+
+@dataclass(frozen=True)
+class AllConfig:
+    force: bool = _param(False, "retrain even when a FINISHED run with the same parameters "
+                                "and code exists")
+
+
+def parse(cls, values: Mapping[str, str | None]):
+    """``Config.from_strings`` for any of this module's dataclasses."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, raw in values.items():
+        if name not in known:
+            raise ConfigError(name, f"unknown parameter; known: {', '.join(known)}")
+        if raw is not None:
+            kwargs[name] = parse_field(known[name], raw)
+    return cls(**kwargs)
+
+
+def to_params(obj) -> dict[str, str]:
+    return {f.name: format_value(getattr(obj, f.name)) for f in dataclasses.fields(obj)}

@@ -24,6 +24,9 @@ GRADIENT_PLOT = "plots/gradient_norms.png"
 VARIANT_TAG = "variant"                        # "skip" | "noskip"
 MODEL_TAG = "model"
 NOTE_TAG = "mlflow.note.content"               # the run description the UI shows
+STEPS_PER_EPOCH_TAG = "steps_per_epoch"        # epoch of a step = step // this
+CODE_VERSION_TAG = "code_version"              # pipeline.code_version(): digest of the source
+ERROR_TAG = "error"                            # why a run FAILED or was KILLED
 
 
 def grad_norm(layer: str) -> str:

@@ -9,6 +9,7 @@ matplotlib.use("Agg")  # headless: runs under `mlflow run`, CI and SSH sessions 
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def gradient_norms(norms: Mapping[str, Sequence[float]], title: str,
@@ -38,6 +39,7 @@ def gradient_norms(norms: Mapping[str, Sequence[float]], title: str,
             ax.axvline(b, color="0.85", lw=0.8, zorder=0)
     ax.set_yscale("log")
     ax.set_xlabel("batch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("L2 norm of dLoss/d(layer output)")
     ax.set_title(title)
     ax.grid(True, which="major", axis="y", alpha=0.3)
@@ -48,3 +50,76 @@ def gradient_norms(norms: Mapping[str, Sequence[float]], title: str,
 
 def close(fig) -> None:
     plt.close(fig)
+
+
+VARIANT_COLOURS = {"noskip": "tab:red", "skip": "tab:blue"}
+VARIANT_LABELS = {"noskip": "without skip", "skip": "with skip"}
+
+
+def _smooth_log(y: np.ndarray, window: int) -> np.ndarray:
+    """Rolling mean of log10(norm) over finite, non-zero points; NaN where none."""
+    logs = np.where((y > 0) & np.isfinite(y), np.log10(np.where(y > 0, y, 1.0)), np.nan)
+    ok = ~np.isnan(logs)
+    kernel = np.ones(window)
+    sums = np.convolve(np.where(ok, logs, 0.0), kernel, mode="same")
+    counts = np.convolve(ok.astype(float), kernel, mode="same")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return 10.0 ** (sums / counts)
+
+
+def comparison_norms(histories, layers: Sequence[str], model: str):
+    """One panel per layer, both variants overlaid: raw values faint, a smoothed line on top.
+
+    ``histories``: {variant: DataFrame(step, layer, norm)}.
+    """
+    fig, axes = plt.subplots(len(layers), 1, figsize=(11, 2.3 * len(layers) + 0.8),
+                             sharex=True, squeeze=False)
+    for ax, layer in zip(axes[:, 0], layers):
+        for variant, history in histories.items():
+            h = history[history["layer"] == layer].sort_values("step")
+            x, y = h["step"].to_numpy(), h["norm"].to_numpy(dtype=np.float64)
+            colour = VARIANT_COLOURS.get(variant)
+            shown = np.where((y > 0) & np.isfinite(y), y, np.nan)
+            ax.plot(x, shown, lw=0.5, alpha=0.25, color=colour)
+            window = max(1, len(y) // 100)
+            zero = (y == 0).mean() if len(y) else 0.0
+            label = VARIANT_LABELS.get(variant, variant) + (f" ({zero:.0%} zero)" if zero else "")
+            ax.plot(x, _smooth_log(y, window), lw=1.6, color=colour, label=label)
+        ax.set_yscale("log")
+        ax.set_ylabel("norm")
+        ax.set_title(layer, loc="left", fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    axes[-1, 0].set_xlabel("batch")
+    axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(f"Gradient norms dLoss/d(output) - {model}, skip vs no skip (faint: raw; "
+                 "line: rolling mean of log10)", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def depth_profile(table, model: str):
+    """Median norm per layer against depth, 10-90% band, one line per variant.
+
+    ``table``: the compare summary (columns depth, layer, variant, median, p10, p90).
+    """
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for variant, rows in table.groupby("variant", sort=False):
+        rows = rows.sort_values("depth")
+        colour = VARIANT_COLOURS.get(variant)
+        x = rows["depth"].to_numpy()
+        floor = lambda v: np.where(v > 0, v, np.nan)  # noqa: E731 - zeros cannot sit on log axes
+        ax.fill_between(x, floor(rows["p10"].to_numpy()), floor(rows["p90"].to_numpy()),
+                        color=colour, alpha=0.2, lw=0)
+        ax.plot(x, floor(rows["median"].to_numpy()), marker="o", color=colour,
+                label=VARIANT_LABELS.get(variant, variant) + " (median, 10-90% band)")
+    layers = table.sort_values("depth").drop_duplicates("depth")
+    ax.set_xticks(layers["depth"].to_numpy(), layers["layer"].tolist(), rotation=30, ha="right")
+    ax.set_yscale("log")
+    ax.set_xlabel("probed layer, input side first")
+    ax.set_ylabel("L2 norm of dLoss/d(layer output)")
+    ax.set_title(f"Gradient norm against depth - {model}")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=9)
+    fig.tight_layout()
+    return fig

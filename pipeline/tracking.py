@@ -36,7 +36,7 @@ def fail_pending_run(reason: str) -> None:
         return
     try:
         client = MlflowClient()
-        client.set_tag(run_id, "error", reason[:5000])
+        client.set_tag(run_id, names.ERROR_TAG, reason[:5000])
         client.set_terminated(run_id, "FAILED")
     except Exception:  # noqa: BLE001 - the user's error line matters more than this one
         pass
@@ -104,11 +104,11 @@ class Tracker:
     # --- start ------------------------------------------------------------------------
     @classmethod
     def start(cls, run_name: str, params: dict[str, str], tags: dict[str, str]) -> "Tracker":
-        # Attaches to MLFLOW_RUN_ID under `mlflow run`; otherwise creates a run in
-        # MLFLOW_EXPERIMENT_NAME/_ID (or the default experiment), with git/source tags.
-        run = mlflow.start_run(run_name=run_name)
+        # Attaches to MLFLOW_RUN_ID under `mlflow run` (renaming it); otherwise creates a run
+        # in MLFLOW_EXPERIMENT_NAME/_ID (or the default experiment), with git/source tags.
+        # nested=True: inside `all` (or any active run) the new run becomes its child.
+        run = mlflow.start_run(run_name=run_name, nested=True)
         tracker = cls(run.info.run_id)
-        tracker.client.update_run(tracker.run_id, name=run_name)
         tracker._log_params(params)
         tracker.set_tags(tags)
         return tracker
@@ -155,6 +155,9 @@ class Tracker:
     def log_dict(self, obj: Any, path: str) -> None:
         self.client.log_dict(self.run_id, obj, path)
 
+    def log_text(self, text: str, path: str) -> None:
+        self.client.log_text(self.run_id, text, path)
+
     def log_figure(self, figure, path: str) -> None:
         self.client.log_figure(self.run_id, figure, path)
 
@@ -169,5 +172,5 @@ class Tracker:
             except Exception:  # noqa: BLE001 - the original failure is the one to report
                 pass
         if error:
-            self.client.set_tag(self.run_id, "error", error[:5000])
+            self.client.set_tag(self.run_id, names.ERROR_TAG, error[:5000])
         mlflow.end_run(status)

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import code_version, names, plots
 from . import data as data_mod
-from . import names, plots
 from .config import Config, ConfigError
 from .models import build_model
 from .probes import GradientProbes, check_layers
@@ -111,7 +111,8 @@ def run(cfg: Config) -> str:
     # --- 3. the MLflow run --------------------------------------------------------------
     tracker = Tracker.start(cfg.run_name, cfg.to_params(), {
         names.VARIANT_TAG: cfg.variant, names.MODEL_TAG: cfg.model,
-        "device.resolved": str(device), "steps_per_epoch": str(data.steps_per_epoch),
+        "device.resolved": str(device), names.STEPS_PER_EPOCH_TAG: str(data.steps_per_epoch),
+        names.CODE_VERSION_TAG: code_version(),
     })
     tracker.set_note(describe(cfg, data.source))
     try:

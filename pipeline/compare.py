@@ -1,0 +1,241 @@
+"""The compare step: two training runs in, the answer out (plots, tables, a diagnosis).
+
+Statistics are pure functions of the histories that ``query`` reads; the figures come from
+``plots`` and everything is written by ``tracking`` onto the compare step's own run.
+
+Status rule (README, "Reading the summary"): a layer's median norm is divided by the
+median norm of the run's output-side probed layer (``fc`` by default) over the same steps:
+
+    Dead        at least half of the steps have a norm of exactly 0
+    Vanishing   ratio < 1e-18     (the notebook's ~1e-21 early layers)
+    Tiny        ratio < 1e-9
+    Weak        ratio < 1e-3
+    Exploding   ratio > 1e3, or a non-finite median
+    Healthy     otherwise
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from . import names, plots, query
+from .query import QueryError
+from .tracking import Tracker
+
+VARIANTS = ("noskip", "skip")
+STATUS_RULES = (  # (status, ratio strictly below which it applies), checked in order
+    ("Vanishing", 1e-18),
+    ("Tiny", 1e-9),
+    ("Weak", 1e-3),
+)
+EXPLODING_RATIO = 1e3
+DEAD_ZERO_FRACTION = 0.5
+
+ARTIFACT_DIR = "comparison"
+NORMS_PLOT = f"{ARTIFACT_DIR}/gradient_norms.png"
+DEPTH_PLOT = f"{ARTIFACT_DIR}/depth_profile.png"
+SUMMARY_MD = f"{ARTIFACT_DIR}/summary.md"
+SUMMARY_CSV = f"{ARTIFACT_DIR}/summary.csv"
+SUMMARY_JSON = f"{ARTIFACT_DIR}/summary.json"
+EPOCHS_CSV = f"{ARTIFACT_DIR}/per_epoch.csv"
+
+
+def status(median: float, zero_fraction: float, reference: float) -> str:
+    if zero_fraction >= DEAD_ZERO_FRACTION:
+        return "Dead"
+    if not math.isfinite(median):
+        return "Exploding"
+    ratio = median / reference if reference > 0 and math.isfinite(reference) else median
+    for label, below in STATUS_RULES:
+        if ratio < below:
+            return label
+    return "Exploding" if ratio > EXPLODING_RATIO else "Healthy"
+
+
+def layer_stats(history: pd.DataFrame) -> pd.DataFrame:
+    """One row per layer of one run, input side first."""
+    rows = []
+    for layer, g in history.groupby("layer", observed=True, sort=True):
+        v = g.sort_values("step")["norm"].to_numpy()
+        k = max(1, len(v) // 10)  # early/late: first and last tenth of the steps
+        rows.append({
+            "layer": layer, "steps": len(v),
+            "median": float(np.median(v)), "min": float(v.min()), "max": float(v.max()),
+            "first": float(v[0]), "last": float(v[-1]),
+            "p10": float(np.quantile(v, 0.1)), "p90": float(np.quantile(v, 0.9)),
+            "early_median": float(np.median(v[:k])), "late_median": float(np.median(v[-k:])),
+            "zero_fraction": float((v == 0).mean()),
+        })
+    stats = pd.DataFrame(rows)
+    reference = stats["median"].iloc[-1]
+    stats["status"] = [status(m, z, reference) for m, z in zip(stats["median"], stats["zero_fraction"])]
+    return stats
+
+
+def epoch_stats(history: pd.DataFrame) -> pd.DataFrame:
+    """Median, zero fraction and status per (layer, epoch): the time course a median hides."""
+    frames = []
+    for epoch, g in history.groupby("epoch", sort=True):
+        s = layer_stats(g)[["layer", "median", "zero_fraction", "status"]]
+        s.insert(1, "epoch", int(epoch))
+        frames.append(s)
+    return pd.concat(frames, ignore_index=True)
+
+
+@dataclass
+class Side:
+    variant: str
+    run: object
+    history: pd.DataFrame
+
+
+def select_runs(experiment: str | None, run_ids: list[str] | None) -> dict[str, object]:
+    """``{"noskip": run, "skip": run}``: the given IDs, or the latest FINISHED of each variant."""
+    if run_ids:
+        if len(run_ids) != 2:
+            raise QueryError(f"runs: give exactly two run IDs (one per variant), got {len(run_ids)}")
+        runs = [query.get_run(r) for r in run_ids]
+        variants = [r.data.tags.get(names.VARIANT_TAG) for r in runs]
+        if sorted(v or "" for v in variants) != sorted(VARIANTS):
+            raise QueryError(f"runs: need one skip and one noskip training run; "
+                             f"{run_ids[0]} is {variants[0]}, {run_ids[1]} is {variants[1]}")
+        return dict(zip(variants, runs))
+    selected = {}
+    model = None
+    for variant in VARIANTS:
+        filters = {"skip": variant == "skip"}
+        if model:
+            filters["model"] = model  # the second variant must match the first one's model
+        found = query.find_runs(experiment, status="FINISHED", **filters)
+        if not len(found):
+            raise QueryError(f"experiment: {experiment or 'the current experiment'} has no FINISHED "
+                             f"{variant} run{' of ' + model if model else ''}; train it with "
+                             f"`mlflow run . -P skip={'true' if variant == 'skip' else 'false'}`"
+                             " or pass -P runs=ID,ID")
+        row = found.iloc[0]
+        model = row.get("params.model") or model
+        selected[variant] = query.get_run(row["run_id"])
+    return selected
+
+
+def shared_layers(runs: dict[str, object], wanted: list[str] | None) -> list[str]:
+    per_run = {v: query.probed_layers(r) for v, r in runs.items()}
+    for v, layers in per_run.items():
+        if not layers:
+            raise QueryError(f"runs: run {runs[v].info.run_id} has no {names.GRAD_NORM_PREFIX}* "
+                             "metrics; is it a training run of this project?")
+    first = per_run["noskip"]
+    shared = [layer for layer in first if all(layer in ls for ls in per_run.values())]
+    if not shared:
+        raise QueryError("layers: the two runs share no probed layer ("
+                         + "; ".join(f"{v}: {', '.join(ls)}" for v, ls in per_run.items()) + ")")
+    if wanted:
+        missing = [layer for layer in wanted if layer not in shared]
+        if missing:
+            raise QueryError(f"layers: {', '.join(missing)} not probed in both runs; "
+                             f"shared: {', '.join(shared)}")
+        return [layer for layer in shared if layer in wanted]
+    return shared
+
+
+def summarize(sides: list[Side]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The overall table (layer x variant) and the per-epoch table."""
+    overall, per_epoch = [], []
+    for side in sides:
+        stats = layer_stats(side.history)
+        stats.insert(0, "depth", range(len(stats)))
+        stats.insert(2, "variant", side.variant)
+        stats.insert(3, "run_id", side.run.info.run_id)
+        for key, value in query.final_metrics(side.run).items():
+            stats[key] = value
+        overall.append(stats)
+        ep = epoch_stats(side.history)
+        ep.insert(1, "variant", side.variant)
+        per_epoch.append(ep)
+    table = pd.concat(overall, ignore_index=True)
+    medians = table.pivot(index="layer", columns="variant", values="median")
+    ratio = (medians["skip"] / medians["noskip"]).replace([np.inf, -np.inf], np.nan)
+    table["skip_over_noskip"] = table["layer"].map(ratio)
+    table = table.sort_values(["depth", "variant"], kind="stable").reset_index(drop=True)
+    return table, pd.concat(per_epoch, ignore_index=True)
+
+
+def markdown(table: pd.DataFrame, per_epoch: pd.DataFrame, sides: list[Side]) -> str:
+    def g(x: float) -> str:
+        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
+
+    lines = ["## Gradient norms: skip vs no skip", "",
+             "| layer | variant | median | min | max | first | last | early | late | zero steps "
+             "| skip/noskip | status |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in table.itertuples():
+        lines.append(f"| `{r.layer}` | {r.variant} | {g(r.median)} | {g(r.min)} | {g(r.max)} | "
+                     f"{g(r.first)} | {g(r.last)} | {g(r.early_median)} | {g(r.late_median)} | "
+                     f"{r.zero_fraction:.0%} | {g(r.skip_over_noskip)} | {r.status} |")
+    epochs = sorted(per_epoch["epoch"].unique())
+    lines += ["", "### Per epoch: median norm (status)", "",
+              "| layer | variant | " + " | ".join(f"epoch {e + 1}" for e in epochs) + " |",
+              "|---|---|" + "---:|" * len(epochs)]
+    for (layer, variant), g_ in per_epoch.groupby(["layer", "variant"], observed=True, sort=False):
+        cells = {int(r.epoch): f"{g(r.median)} ({r.status})" for r in g_.itertuples()}
+        lines.append(f"| `{layer}` | {variant} | " + " | ".join(cells.get(e, "-") for e in epochs) + " |")
+    lines += ["", "### Runs", "", "| variant | run | train acc | train loss | test acc | test loss |",
+              "|---|---|---:|---:|---:|---:|"]
+    for side in sides:
+        m = query.final_metrics(side.run)
+        lines.append(f"| {side.variant} | `{side.run.info.run_id}` ({side.run.info.run_name}) | "
+                     f"{g(m[names.TRAIN_ACCURACY])} | {g(m[names.TRAIN_LOSS])} | "
+                     f"{g(m[names.TEST_ACCURACY])} | {g(m[names.TEST_LOSS])} |")
+    lines += ["", "Status: a layer's median relative to the output-side layer's median "
+                  "(Vanishing < 1e-18 < Tiny < 1e-9 < Weak < 1e-3 < Healthy < 1e3 < Exploding); "
+                  "Dead = zero on at least half the steps. Early/late = medians over the first "
+                  "and last tenth of the steps."]
+    return "\n".join(lines) + "\n"
+
+
+def compare(experiment: str | None = None, run_ids: list[str] | None = None,
+            layers: list[str] | None = None, params: dict[str, str] | None = None) -> str:
+    """Run the compare step; returns the compare run's ID. Raises QueryError on bad input."""
+    # --- 1. choose and read everything before a run is opened ------------------------
+    runs = select_runs(experiment, run_ids)
+    chosen = shared_layers(runs, layers)
+    sides = [Side(v, runs[v], query.gradient_history(runs[v].info.run_id, chosen)) for v in VARIANTS]
+    table, per_epoch = summarize(sides)
+    text = markdown(table, per_epoch, sides)
+
+    # --- 2. the compare run --------------------------------------------------------------
+    model = runs["noskip"].data.params.get("model", "model")
+    ids = {v: runs[v].info.run_id for v in VARIANTS}
+    tracker = Tracker.start(f"compare-{model}", params or {}, {
+        "compare.runs": ",".join(ids.values()),
+        "compare.noskip_run": ids["noskip"], "compare.skip_run": ids["skip"],
+        "compare.layers": ",".join(chosen),
+    })
+    try:
+        histories = {s.variant: s.history for s in sides}
+        for fig, path in ((plots.comparison_norms(histories, chosen, model), NORMS_PLOT),
+                          (plots.depth_profile(table, model), DEPTH_PLOT)):
+            try:
+                tracker.log_figure(fig, path)
+            finally:
+                plots.close(fig)
+        tracker.log_text(text, SUMMARY_MD)
+        tracker.log_text(table.to_csv(index=False), SUMMARY_CSV)
+        tracker.log_text(per_epoch.to_csv(index=False), EPOCHS_CSV)
+        tracker.log_dict({"runs": ids, "layers": chosen,
+                          "summary": _records(table), "per_epoch": _records(per_epoch)}, SUMMARY_JSON)
+        tracker.set_note(text)
+    except BaseException as e:
+        tracker.end("FAILED", f"{type(e).__name__}: {e}")
+        raise
+    tracker.end("FINISHED")
+    return tracker.run_id
+
+
+def _records(frame: pd.DataFrame) -> list[dict]:
+    """JSON-safe rows: NaN becomes null."""
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+            for row in frame.astype(object).to_dict(orient="records")]

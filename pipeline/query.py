@@ -1,0 +1,121 @@
+"""The project's only reader of MLflow: find runs, read gradient histories.
+
+    from pipeline import query
+    runs = query.find_runs(skip=False)              # DataFrame, newest first
+    hist = query.gradient_history(runs.run_id[0])   # columns: step, layer, norm, epoch
+
+Works against any tracking URI MLflow resolves (``MLFLOW_TRACKING_URI`` or the default
+``sqlite:///mlflow.db``).
+"""
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from . import names
+from .config import format_value, parse_bool
+
+
+class QueryError(LookupError):
+    """Runs or data that are not there. ``str()`` is the one line the user sees."""
+
+
+def experiment_id(experiment: str | None = None) -> str:
+    """The ID for a name or ID; by default the experiment MLflow would log to right now."""
+    if experiment is None:
+        from mlflow.tracking.fluent import _get_experiment_id
+        return _get_experiment_id()
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is None and experiment.isdigit():
+        try:
+            found = client.get_experiment(experiment)
+        except MlflowException:
+            found = None
+    if found is None:
+        raise QueryError(f"experiment: {experiment!r} does not exist in {mlflow.get_tracking_uri()}")
+    return found.experiment_id
+
+
+def find_runs(experiment: str | None = None, status: str | None = None,
+              **param_filters) -> pd.DataFrame:
+    """Training runs with their params, tags and final metrics, newest first.
+
+    ``param_filters`` match params by their canonical string (``skip=True`` and
+    ``skip="true"`` are the same filter). ``skip`` is matched through the ``variant`` tag,
+    because ``mlflow run`` stores ``-P skip=...`` exactly as typed (``yes``, ``1``, ...).
+    """
+    clauses = []
+    if status:
+        clauses.append(f"attributes.status = '{status}'")
+    for key, value in param_filters.items():
+        if key == "skip":
+            variant = "skip" if parse_bool("skip", format_value(value)) else "noskip"
+            clauses.append(f"tags.`{names.VARIANT_TAG}` = '{variant}'")
+        else:
+            clauses.append(f"params.`{key}` = '{format_value(value)}'")
+    runs = mlflow.search_runs(experiment_ids=[experiment_id(experiment)],
+                              filter_string=" and ".join(clauses),
+                              order_by=["attributes.start_time DESC"])
+    variant = f"tags.{names.VARIANT_TAG}"
+    if variant not in runs:  # no training run at all (an empty experiment, or compare runs only)
+        return runs.iloc[0:0]
+    return runs[runs[variant].notna()].reset_index(drop=True)  # training runs only
+
+
+def get_run(run_id: str):
+    try:
+        return MlflowClient().get_run(run_id)
+    except MlflowException:
+        raise QueryError(f"runs: no run with ID {run_id!r} in {mlflow.get_tracking_uri()}") from None
+
+
+def probed_layers(run) -> list[str]:
+    """The run's probed layers, input side first (the order of its ``layers`` param)."""
+    logged = {names.layer_of(k) for k in run.data.metrics if k.startswith(names.GRAD_NORM_PREFIX)}
+    order = [layer for layer in run.data.params.get("layers", "").split(",") if layer in logged]
+    return order + sorted(logged - set(order))
+
+
+def gradient_history(run_id: str, layers: list[str] | None = None) -> pd.DataFrame:
+    """Every logged gradient norm of a run: one row per (step, layer), in step order.
+
+    ``epoch`` is ``step // steps_per_epoch`` (a tag the training run records). Reads with
+    ``MlflowClient.get_metric_history``, which pages through the store's results.
+    """
+    run = get_run(run_id)
+    available = probed_layers(run)
+    if not available:
+        raise QueryError(f"runs: run {run_id} has no {names.GRAD_NORM_PREFIX}* metrics; "
+                         "is it a training run of this project?")
+    if layers is None:
+        layers = available
+    missing = [layer for layer in layers if layer not in available]
+    if missing:
+        raise QueryError(f"layers: run {run_id} has no metric for {', '.join(missing)}; "
+                         f"it has: {', '.join(available)}")
+    client = MlflowClient()
+    frames = []
+    for layer in layers:
+        points = client.get_metric_history(run_id, names.grad_norm(layer))
+        steps = np.fromiter((p.step for p in points), dtype=np.int64, count=len(points))
+        norms = np.fromiter((p.value for p in points), dtype=np.float64, count=len(points))
+        frames.append(pd.DataFrame({"step": steps, "layer": layer, "norm": norms}))
+    history = pd.concat(frames, ignore_index=True)
+    history["layer"] = pd.Categorical(history["layer"], categories=layers, ordered=True)
+    per_epoch = int(run.data.tags.get(names.STEPS_PER_EPOCH_TAG, 0)) or None
+    history["epoch"] = history["step"] // per_epoch if per_epoch else 0
+    return history.sort_values(["step", "layer"], kind="stable").reset_index(drop=True)
+
+
+def final_metrics(run) -> dict[str, float]:
+    """The last value of each per-epoch metric, as shown in the UI's run table."""
+    keys = (names.TRAIN_ACCURACY, names.TRAIN_LOSS, names.TEST_ACCURACY, names.TEST_LOSS)
+    return {k: run.data.metrics.get(k, float("nan")) for k in keys}
+
+
+__all__ = ["QueryError", "experiment_id", "find_runs", "get_run",
+           "probed_layers", "gradient_history", "final_metrics"]

@@ -1,0 +1,67 @@
+"""The `all` step: train both variants (reusing finished runs), then compare them.
+
+Like MLflow's multistep example, a training run is reused when a FINISHED run of the same
+experiment has the same parameters and the same ``code_version``; ``force`` retrains anyway.
+The runs are linked both ways: fresh runs are children of the `all` run, and the `all` run's
+tags name all three (``all.noskip_run``, ``all.skip_run``, ``all.compare_run``).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import click
+
+from . import code_version, compare, names, query, train
+from .config import CompareConfig, Config, ConfigError, to_params
+from .tracking import Tracker
+
+
+def find_reusable(cfg: Config) -> str | None:
+    """The newest FINISHED run with exactly ``cfg`` and this code, or None."""
+    found = query.find_runs(status="FINISHED", skip=cfg.skip, model=cfg.model)
+    fields = [f.name for f in dataclasses.fields(Config)]
+    for _, row in found.iterrows():
+        if row.get(f"tags.{names.CODE_VERSION_TAG}") != code_version():
+            continue
+        logged = {name: row.get(f"params.{name}") for name in fields}
+        try:
+            # Compare parsed values, not strings: `-P lr=1e-3` and `--lr 0.001` are one run.
+            if Config.from_strings({k: v for k, v in logged.items() if isinstance(v, str)}) == cfg:
+                return row["run_id"]
+        except ConfigError:
+            continue  # a run from an older parameter set: never a match
+    return None
+
+
+def run_all(cfg: Config, force: bool) -> str:
+    """Returns the `all` run's ID."""
+    params = {k: v for k, v in to_params(cfg).items() if k != "skip"}
+    params["force"] = "true" if force else "false"
+    parent = Tracker.start(f"all-{cfg.model}", params, {"pipeline.step": "all"})
+    try:
+        ids = {}
+        for skip in (False, True):
+            variant_cfg = dataclasses.replace(cfg, skip=skip)
+            reused = None if force else find_reusable(variant_cfg)
+            if reused:
+                click.echo(f"{variant_cfg.run_name}: reusing FINISHED run {reused} (same parameters "
+                           "and code; -P force=true retrains)", err=True)
+            ids[variant_cfg.variant] = reused or train.run(variant_cfg)
+            parent.set_tags({f"all.{variant_cfg.variant}_run": ids[variant_cfg.variant],
+                             f"all.{variant_cfg.variant}_reused": str(bool(reused)).lower()})
+        cmp = CompareConfig(runs=f"{ids['noskip']},{ids['skip']}")
+        compare_id = compare.compare(run_ids=cmp.run_ids, params=to_params(cmp))
+        parent.set_tags({"all.compare_run": compare_id})
+        parent.set_note(f"Trained (or reused) `{ids['noskip']}` (noskip) and `{ids['skip']}` "
+                        f"(skip), compared in `{compare_id}`; the comparison's summary is on "
+                        "that run's page.")
+    except KeyboardInterrupt:
+        parent.end("KILLED", "interrupted (KeyboardInterrupt)")
+        raise
+    except BaseException as e:
+        parent.end("FAILED", f"{type(e).__name__}: {e}")
+        raise
+    parent.end("FINISHED")
+    return parent.run_id
+
+
