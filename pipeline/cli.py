@@ -7,6 +7,7 @@ from a shell. Heavy imports (torch, mlflow) happen only after the input is valid
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -33,21 +34,20 @@ def _options(cls, exclude: tuple[str, ...] = ()):
 def _refuse(message: str):
     """One line on stderr, the pending MLflow run marked FAILED, exit 2."""
     click.echo(f"error: {message}", err=True)
-    from .tracking import fail_pending_run  # mlflow only on this path; no torch
-    fail_pending_run(message)
+    if os.environ.get("MLFLOW_RUN_ID"):  # opened for us by `mlflow run`
+        from .tracking import fail_pending_run  # mlflow only on this path; no torch
+        fail_pending_run(message)
     sys.exit(EXIT_USAGE)
 
 
 def _dispatch(action):
     """Run ``action``; turn the user's errors into one line and exit code 2."""
-    from .compare import QueryError
-    from .data import DataError
     try:
         return action()
-    except (config.ConfigError, DataError, QueryError) as e:
+    except config.UserError as e:  # ConfigError, data.DataError, query.QueryError
         _refuse(str(e))
     except KeyboardInterrupt:
-        click.echo("interrupted; the MLflow run was ended as KILLED", err=True)
+        click.echo("interrupted; a run that had started was ended as KILLED", err=True)
         sys.exit(130)
 
 

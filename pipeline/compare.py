@@ -55,8 +55,12 @@ def status(median: float, zero_fraction: float, reference: float) -> str:
     return "Exploding" if ratio > EXPLODING_RATIO else "Healthy"
 
 
-def layer_stats(history: pd.DataFrame) -> pd.DataFrame:
-    """One row per layer of one run, input side first."""
+def layer_stats(history: pd.DataFrame, layers: list[str] | None = None) -> pd.DataFrame:
+    """One row per layer of one run, input side first.
+
+    ``history`` must include the run's output-side probed layer as its last layer: it is
+    the reference of the status rule, whichever ``layers`` are reported.
+    """
     rows = []
     for layer, g in history.groupby("layer", observed=True, sort=True):
         v = g.sort_values("step")["norm"].to_numpy()
@@ -72,14 +76,16 @@ def layer_stats(history: pd.DataFrame) -> pd.DataFrame:
     stats = pd.DataFrame(rows)
     reference = stats["median"].iloc[-1]
     stats["status"] = [status(m, z, reference) for m, z in zip(stats["median"], stats["zero_fraction"])]
+    if layers is not None:
+        stats = stats[stats["layer"].isin(layers)].reset_index(drop=True)
     return stats
 
 
-def epoch_stats(history: pd.DataFrame) -> pd.DataFrame:
+def epoch_stats(history: pd.DataFrame, layers: list[str] | None = None) -> pd.DataFrame:
     """Median, zero fraction and status per (layer, epoch): the time course a median hides."""
     frames = []
     for epoch, g in history.groupby("epoch", sort=True):
-        s = layer_stats(g)[["layer", "median", "zero_fraction", "status"]]
+        s = layer_stats(g, layers)[["layer", "median", "zero_fraction", "status"]]
         s.insert(1, "epoch", int(epoch))
         frames.append(s)
     return pd.concat(frames, ignore_index=True)
@@ -89,7 +95,18 @@ def epoch_stats(history: pd.DataFrame) -> pd.DataFrame:
 class Side:
     variant: str
     run: object
-    history: pd.DataFrame
+    history: pd.DataFrame   # the chosen layers plus the run's output-side layer (the reference)
+    layers: list[str]       # the chosen layers
+
+    @classmethod
+    def read(cls, variant: str, run, layers: list[str]) -> "Side":
+        reference = query.probed_layers(run)[-1]
+        wanted = layers + ([reference] if reference not in layers else [])
+        return cls(variant, run, query.gradient_history(run.info.run_id, wanted), layers)
+
+    @property
+    def chosen_history(self) -> pd.DataFrame:
+        return self.history[self.history["layer"].isin(self.layers)]
 
 
 def select_runs(experiment: str | None, run_ids: list[str] | None) -> dict[str, object]:
@@ -145,14 +162,14 @@ def summarize(sides: list[Side]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The overall table (layer x variant) and the per-epoch table."""
     overall, per_epoch = [], []
     for side in sides:
-        stats = layer_stats(side.history)
+        stats = layer_stats(side.history, side.layers)
         stats.insert(0, "depth", range(len(stats)))
         stats.insert(2, "variant", side.variant)
         stats.insert(3, "run_id", side.run.info.run_id)
         for key, value in query.final_metrics(side.run).items():
             stats[key] = value
         overall.append(stats)
-        ep = epoch_stats(side.history)
+        ep = epoch_stats(side.history, side.layers)
         ep.insert(1, "variant", side.variant)
         per_epoch.append(ep)
     table = pd.concat(overall, ignore_index=True)
@@ -202,20 +219,22 @@ def compare(experiment: str | None = None, run_ids: list[str] | None = None,
     # --- 1. choose and read everything before a run is opened ------------------------
     runs = select_runs(experiment, run_ids)
     chosen = shared_layers(runs, layers)
-    sides = [Side(v, runs[v], query.gradient_history(runs[v].info.run_id, chosen)) for v in VARIANTS]
+    sides = [Side.read(v, runs[v], chosen) for v in VARIANTS]
     table, per_epoch = summarize(sides)
     text = markdown(table, per_epoch, sides)
 
     # --- 2. the compare run --------------------------------------------------------------
     model = runs["noskip"].data.params.get("model", "model")
     ids = {v: runs[v].info.run_id for v in VARIANTS}
+    # The compare run goes into the experiment it read from (under `mlflow run` the run
+    # already exists, in the experiment `mlflow run` chose).
     tracker = Tracker.start(f"compare-{model}", params or {}, {
         "compare.runs": ",".join(ids.values()),
         "compare.noskip_run": ids["noskip"], "compare.skip_run": ids["skip"],
         "compare.layers": ",".join(chosen),
-    })
+    }, experiment_id=query.experiment_id(experiment) if experiment else None)
     try:
-        histories = {s.variant: s.history for s in sides}
+        histories = {s.variant: s.chosen_history for s in sides}
         for fig, path in ((plots.comparison_norms(histories, chosen, model), NORMS_PLOT),
                           (plots.depth_profile(table, model), DEPTH_PLOT)):
             try:

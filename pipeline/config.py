@@ -30,8 +30,15 @@ _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
 
 
-class ConfigError(ValueError):
-    """A bad parameter value. ``str()`` is the one line the user sees."""
+class UserError(Exception):
+    """Bad input, missing data or runs: the user's to fix. ``str()`` is the one line shown.
+
+    Defined here, torch-free, so the CLI can catch every kind without importing torch.
+    """
+
+
+class ConfigError(UserError, ValueError):
+    """A bad parameter value."""
 
     def __init__(self, param: str, message: str):
         super().__init__(f"{param}: {message}")
@@ -69,8 +76,9 @@ class Config:
     synthetic_test_size: int = _param(1000, "test images in the synthetic dataset", min=1)
 
     # --- run control -----------------------------------------------------------------
-    max_steps: int = _param(0, "stop after this many training batches (0 = no limit); "
-                               "also caps test batches, for smoke runs", min=0)
+    max_steps: int = _param(0, "stop after this many training batches (0 = no limit); the "
+                               "test pass then uses a fixed random sample of max_steps x "
+                               "batch_size test images, for smoke runs", min=0)
     device: str = _param("auto", "auto (cuda if available, else cpu), cpu or cuda", choices=DEVICES)
     precision: str = _param("default", "default (PyTorch's: TF32 convs on Ampere+), fp32 "
                                        "(strict IEEE) or bf16 (autocast)", choices=PRECISIONS)

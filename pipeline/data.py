@@ -12,16 +12,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 
-from .config import Config
+from .config import Config, UserError
 
 NUM_CLASSES = 10
 
 
-class DataError(RuntimeError):
-    """Data that is missing, unreachable or unreadable. ``str()`` is the one line shown."""
+class DataError(UserError, RuntimeError):
+    """Data that is missing, unreachable or unreadable."""
 
 
 def notebook_transform(image_size: int) -> transforms.Compose:
@@ -118,14 +118,24 @@ def build(cfg: Config, device: torch.device) -> Data:
     make = {"cifar10": _cifar10, "imagefolder": _imagefolder, "synthetic": _synthetic}[cfg.dataset]
     train, test, source = make(cfg, transform)
 
+    if cfg.max_steps and len(test) > cfg.max_steps * cfg.batch_size:
+        # A smoke run tests on a fixed random sample, not the first images: test sets are
+        # often sorted by class (ImageFolder always is), and a prefix would score a
+        # constant prediction as if it had learnt.
+        pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.seed))
+        test = Subset(test, pick[:cfg.max_steps * cfg.batch_size].sort().values.tolist())
+
     workers = cfg.resolved_num_workers(os.cpu_count())
     common = dict(batch_size=cfg.batch_size, num_workers=workers,
                   pin_memory=device.type == "cuda",  # lets the host->device copy run async
                   persistent_workers=workers > 0)
-    # The order of every epoch follows from the seed alone (the notebook shuffled too).
-    order = torch.Generator().manual_seed(cfg.seed)
+    # The order of every epoch follows from the seed alone (the notebook shuffled too). The
+    # sampler owns its generator: a DataLoader's own generator also seeds worker processes,
+    # once per epoch without persistent workers and once per run with them, so the order
+    # would depend on num_workers.
+    order = torch.utils.data.RandomSampler(train, generator=torch.Generator().manual_seed(cfg.seed))
     return Data(
-        train=DataLoader(train, shuffle=True, generator=order, drop_last=False, **common),
+        train=DataLoader(train, sampler=order, drop_last=False, **common),
         test=DataLoader(test, shuffle=False, **common),
         source=source,
     )

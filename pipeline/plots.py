@@ -20,7 +20,7 @@ def gradient_norms(norms: Mapping[str, Sequence[float]], title: str,
     and counted in the legend instead, so a collapse is never silently hidden.
     """
     fig, ax = plt.subplots(figsize=(11, 5.5))
-    colours = plt.cm.viridis(np.linspace(0.0, 0.9, max(1, len(norms))))
+    colours = [plt.cm.tab10(i % 10) for i in range(len(norms))]
     for colour, (layer, values) in zip(colours, norms.items()):
         y = np.asarray(values, dtype=np.float64)
         x = np.arange(len(y))

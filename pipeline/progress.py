@@ -20,7 +20,7 @@ class Progress:
         self.tty = self.stream.isatty()
         self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
         self.batch_size, self.total_steps = batch_size, total_steps
-        self.last_loss = float("nan")
+        self.last_loss: float | None = None  # None until the first chunk reaches the host
         self._t_last = self._t0 = time.perf_counter()
         self._steps_since = 0
         self._rate = 0.0
@@ -32,6 +32,10 @@ class Progress:
         """Called from the metric writer thread with each chunk read back from the device."""
         if len(values):
             self.last_loss = float(values[-1, -1])
+
+    @property
+    def loss_text(self) -> str:
+        return "-" if self.last_loss is None else f"{self.last_loss:.4f}"
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -46,12 +50,12 @@ class Progress:
             self._batch_bar.update(1)
             if now - self._t_last >= 0.5:
                 self._update_rate(now)
-                self._batch_bar.set_postfix(loss=f"{self.last_loss:.4f}",
+                self._batch_bar.set_postfix(loss=self.loss_text,
                                             img_s=f"{self._rate:.0f}", refresh=False)
         elif now - self._t_last >= LINE_EVERY_S:
             self._update_rate(now)
             print(f"epoch {self.epoch + 1}/{self.epochs} step {step + 1}/{self.total_steps} "
-                  f"loss {self.last_loss:.4f} {self._rate:.0f} img/s "
+                  f"loss {self.loss_text} {self._rate:.0f} img/s "
                   f"elapsed {now - self._t0:.0f}s", file=self.stream, flush=True)
 
     def _update_rate(self, now: float) -> None:

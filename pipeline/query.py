@@ -16,11 +16,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from . import names
-from .config import format_value, parse_bool
+from .config import UserError, format_value, parse_bool
 
 
-class QueryError(LookupError):
-    """Runs or data that are not there. ``str()`` is the one line the user sees."""
+class QueryError(UserError, LookupError):
+    """Runs or metrics that are not there."""
 
 
 def experiment_id(experiment: str | None = None) -> str:

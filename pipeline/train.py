@@ -78,15 +78,13 @@ def result_table(gradients: dict[str, list[float]]) -> str:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, autocast, max_batches: int):
+def evaluate(model: nn.Module, loader, device: torch.device, autocast):
     """Mean loss and accuracy on the test split; one host sync at the end."""
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
-    for i, (x, y) in enumerate(loader):
-        if max_batches and i >= max_batches:
-            break
+    for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast():
             out = model(x)
@@ -133,12 +131,13 @@ def _train(cfg, model, data, device, autocast, tracker):
     model.to(device).train()
     optimizer = make_optimizer(cfg, model)
     criterion = nn.CrossEntropyLoss()
-    probes = GradientProbes(model, cfg.layers, cfg.flush_every, device)
-    keys = [names.grad_norm(layer) for layer in cfg.layers] + [names.TRAIN_LOSS]
     steps_per_epoch = data.steps_per_epoch
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
+    # The buffer never needs more rows than the run has steps.
+    probes = GradientProbes(model, cfg.layers, min(cfg.flush_every, total), device)
+    keys = [names.grad_norm(layer) for layer in cfg.layers] + [names.TRAIN_LOSS]
     progress = Progress(cfg.epochs, steps_per_epoch, cfg.batch_size, total)
     tracker.stream(keys, on_values=progress.on_values)
 
@@ -170,8 +169,7 @@ def _train(cfg, model, data, device, autocast, tracker):
             if device.type == "cuda":
                 torch.cuda.synchronize()  # once per epoch, so the timing below is honest
             train_seconds = time.perf_counter() - t0
-            test_loss, test_acc = evaluate(model, data.test, device, autocast,
-                                           max_batches=cfg.max_steps)
+            test_loss, test_acc = evaluate(model, data.test, device, autocast)
             summary = {
                 names.TRAIN_ACCURACY: correct.item() / max(seen, 1),
                 names.TEST_ACCURACY: test_acc,
@@ -181,7 +179,7 @@ def _train(cfg, model, data, device, autocast, tracker):
             }
             tracker.log_epoch(epoch, summary, int(time.time() * 1000))
             progress.end_epoch(
-                f"loss {progress.last_loss:.4f} train acc {summary[names.TRAIN_ACCURACY]:.3f} "
+                f"loss {progress.loss_text} train acc {summary[names.TRAIN_ACCURACY]:.3f} "
                 f"test acc {test_acc:.3f} test loss {test_loss:.4f} "
                 f"({summary[names.IMAGES_PER_SECOND]:.0f} img/s)")
             if cfg.max_steps and step >= cfg.max_steps:

@@ -1,0 +1,125 @@
+"""Shared fixtures: a throw-away MLflow store per test, and real subprocesses.
+
+Every test that touches MLflow gets its own sqlite store in a temporary directory, and
+runs with that directory as its working directory, so MLflow's default artifact root
+(``./mlruns``) lands there too and nothing is written into the repository.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# `mlflow run --env-manager local` runs the entry point's `python` from PATH, so the venv
+# that runs these tests goes first on PATH for every subprocess.
+VENV_BIN = os.path.dirname(sys.executable)
+
+# Variables that would attach a subprocess to some other run or experiment.
+_MLFLOW_RUN_VARS = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+
+
+@dataclass(frozen=True)
+class Store:
+    dir: Path
+    uri: str
+
+
+def _store_in(directory: Path) -> Store:
+    return Store(directory, f"sqlite:///{directory / 'mlflow.db'}")
+
+
+def _isolate(mp: pytest.MonkeyPatch, store: Store) -> None:
+    mp.setenv("MLFLOW_TRACKING_URI", store.uri)
+    for var in _MLFLOW_RUN_VARS:
+        mp.delenv(var, raising=False)
+    mp.chdir(store.dir)
+
+
+@pytest.fixture
+def tracking_store(tmp_path, monkeypatch) -> Store:
+    """A fresh sqlite MLflow store in tmp_path; MLFLOW_TRACKING_URI points at it and the
+    working directory is tmp_path (so ./mlruns artifacts land there)."""
+    store = _store_in(tmp_path)
+    _isolate(monkeypatch, store)
+    return store
+
+
+@pytest.fixture(scope="module")
+def module_tracking_store(tmp_path_factory) -> Store:
+    """The same as ``tracking_store``, shared by the tests of one module (one slow run,
+    several checks of its result)."""
+    store = _store_in(tmp_path_factory.mktemp("store"))
+    with pytest.MonkeyPatch.context() as mp:
+        _isolate(mp, store)
+        yield store
+
+
+def subprocess_env(store: Store | None = None, **extra: str) -> dict[str, str]:
+    """The current environment with the venv first on PATH, this checkout importable,
+    and (when given) the tracking URI of ``store``."""
+    env = dict(os.environ)
+    for var in _MLFLOW_RUN_VARS:
+        env.pop(var, None)
+    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    if store is not None:
+        env["MLFLOW_TRACKING_URI"] = store.uri
+    env.update(extra)
+    return env
+
+
+def run_pipeline(args: list[str], cwd: Path, store: Store | None = None, timeout: float = 120,
+                 **extra_env: str) -> subprocess.CompletedProcess:
+    """``python -m pipeline ARGS`` as a real subprocess, output captured as text."""
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd,
+                          env=subprocess_env(store, **extra_env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def run_mlflow_project(params: dict[str, str], cwd: Path, store: Store, entry_point: str = "main",
+                       timeout: float = 180) -> subprocess.CompletedProcess:
+    """``mlflow run <repo> --env-manager local -e ENTRY -P k=v ...`` as a real subprocess."""
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO_ROOT), "--env-manager", "local",
+           "-e", entry_point]
+    for k, v in params.items():
+        cmd += ["-P", f"{k}={v}"]
+    return subprocess.run(cmd, cwd=cwd, env=subprocess_env(store), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def describe_process(proc: subprocess.CompletedProcess) -> str:
+    """For assertion messages: the exit code and the tail of both streams."""
+    return (f"exit code {proc.returncode}\n--- stdout ---\n{proc.stdout[-3000:]}"
+            f"\n--- stderr ---\n{proc.stderr[-5000:]}")
+
+
+def make_image_folder(root: Path, classes: int = 10, per_class: dict[str, int] | None = None,
+                      size: tuple[int, int] = (20, 24), seed: int = 0) -> dict[str, list[Path]]:
+    """A tiny ``root/<split>/<class>/<image>`` tree of random RGB images, PNG and JPEG mixed.
+
+    Returns the written files by split, in ImageFolder's order (class, then file name).
+    """
+    from PIL import Image
+
+    per_class = per_class or {"train": 2, "test": 1}
+    rng = np.random.default_rng(seed)
+    written: dict[str, list[Path]] = {}
+    for split, n in per_class.items():
+        written[split] = []
+        for c in range(classes):
+            folder = root / split / f"class_{c:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+                # PNG is lossless (a test can compare pixels); JPEG checks the decoder path.
+                path = folder / (f"img_{i:02d}.png" if i % 2 == 0 else f"img_{i:02d}.jpg")
+                Image.fromarray(pixels).save(path)
+                written[split].append(path)
+    return written

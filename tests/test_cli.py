@@ -1,0 +1,130 @@
+"""The command line, as a user meets it: real ``python -m pipeline`` subprocesses."""
+from __future__ import annotations
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline import config
+
+from conftest import describe_process, run_pipeline
+
+EXIT_USAGE = 2
+
+
+def assert_one_line_refusal(proc, *mentions: str) -> str:
+    assert proc.returncode == EXIT_USAGE, describe_process(proc)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, describe_process(proc)
+    line = lines[0]
+    assert line.startswith("error: ") and len(line) > len("error: ") + 5, line
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for text in mentions:
+        assert text in line, f"{text!r} not in {line!r}"
+    return line
+
+
+def assert_no_run_was_created(directory) -> None:
+    assert not (directory / "mlflow.db").exists()
+    assert not (directory / "mlruns").exists()
+
+
+# Values refused while parsing, before torch or MLflow is touched.
+BAD_VALUES = [
+    (["--skip", "maybe"], "skip"),
+    (["--epochs", "0"], "epochs"),
+    (["--lr", "abc"], "lr"),
+    (["--image-size", "7"], "image_size"),
+    (["--layers", ","], "layers"),
+    (["--num-workers", "x"], "num_workers"),
+]
+
+
+@pytest.mark.parametrize("args, param", BAD_VALUES, ids=[" ".join(a) for a, _ in BAD_VALUES])
+def test_bad_value_exits_2_with_one_error_line_naming_the_parameter_and_creates_no_run(
+        args, param, tracking_store):
+    proc = run_pipeline(["train", *args], cwd=tracking_store.dir, store=tracking_store)
+    line = assert_one_line_refusal(proc)
+    assert line.startswith(f"error: {param}: "), line
+    assert_no_run_was_created(tracking_store.dir)
+
+
+def test_unknown_option_exits_2_with_one_error_line_naming_it(tracking_store):
+    proc = run_pipeline(["train", "--foo", "1"], cwd=tracking_store.dir, store=tracking_store)
+    assert_one_line_refusal(proc, "--foo")
+    assert_no_run_was_created(tracking_store.dir)
+
+
+def test_option_without_a_value_exits_2_with_one_error_line(tracking_store):
+    proc = run_pipeline(["train", "--skip"], cwd=tracking_store.dir, store=tracking_store)
+    assert_one_line_refusal(proc, "--skip")
+    assert_no_run_was_created(tracking_store.dir)
+
+
+def test_unknown_layer_is_refused_in_one_line_before_any_data_work_or_run(tracking_store):
+    # Passes parsing, fails the model check: must still stop before data and MLflow.
+    data_dir = tracking_store.dir / "data"
+    proc = run_pipeline(["train", "--layers", "conv1,layer1.0.conv", "--dataset", "cifar10",
+                         "--data-dir", str(data_dir), "--image-size", "32"],
+                        cwd=tracking_store.dir, store=tracking_store)
+    assert_one_line_refusal(proc, "layers", "layer1.0.conv1")
+    assert_no_run_was_created(tracking_store.dir)
+    assert not data_dir.exists()  # no download was attempted
+
+
+def test_missing_image_folder_is_refused_in_one_line_without_a_run(tracking_store):
+    missing = tracking_store.dir / "no-such-folder"
+    proc = run_pipeline(["train", "--dataset", "imagefolder", "--data-dir", str(missing),
+                         "--image-size", "32"], cwd=tracking_store.dir, store=tracking_store)
+    assert_one_line_refusal(proc, "data_dir", str(missing))
+    assert_no_run_was_created(tracking_store.dir)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_refused_in_one_line(tracking_store):
+    proc = run_pipeline(["train", "--device", "cuda", "--dataset", "synthetic", "--image-size", "32"],
+                        cwd=tracking_store.dir, store=tracking_store)
+    assert_one_line_refusal(proc, "device")
+    assert_no_run_was_created(tracking_store.dir)
+
+
+@pytest.mark.parametrize("args, mentions", [
+    (["--skip", "maybe"], ("skip", "maybe")),
+    (["--foo", "1"], ("--foo",)),
+    (["--layers", "layer1.0.conv", "--image-size", "32"], ("layers",)),
+], ids=["bad-value", "unknown-option", "unknown-layer"])
+def test_refusal_under_mlflow_run_ends_the_pending_run_failed_with_an_error_tag(
+        args, mentions, tracking_store):
+    # What `mlflow run` does before it starts the command: create a RUNNING run and
+    # hand its ID over in MLFLOW_RUN_ID.
+    client = MlflowClient()
+    run_id = client.create_run(experiment_id="0").info.run_id
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+    proc = run_pipeline(["train", *args], cwd=tracking_store.dir, store=tracking_store,
+                        MLFLOW_RUN_ID=run_id)
+    assert_one_line_refusal(proc, *mentions)
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.info.end_time is not None
+    error = run.data.tags.get("error", "")
+    for text in mentions:
+        assert text in error
+    assert len(client.search_runs(["0"])) == 1  # no second run
+
+
+def test_help_lists_every_config_field_as_an_option_with_its_default(tracking_store):
+    proc = run_pipeline(["train", "--help"], cwd=tracking_store.dir)
+    assert proc.returncode == 0, describe_process(proc)
+    text = " ".join(proc.stdout.split())  # undo click's line wrapping
+    for f in config.fields():
+        assert f"--{f.name.replace('_', '-')} " in text, f.name
+    for value in ("[default: false]", "[default: resnet50]", "[default: 0.001]", "[default: auto]"):
+        assert value in text
+    assert_no_run_was_created(tracking_store.dir)
+
+
+def test_top_level_help_lists_the_train_command(tracking_store):
+    proc = run_pipeline(["--help"], cwd=tracking_store.dir)
+    assert proc.returncode == 0, describe_process(proc)
+    assert "train" in proc.stdout
