@@ -10,7 +10,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 P       ?=
 
-.PHONY: run test test-fast install install-test clean-venv
+.PHONY: run test test-fast bench-compare install install-test clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ test: install-test
 # The quick loop while developing: everything but the slow integration tests.
 test-fast: install-test
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Times the compare step on two full-size runs (see BENCHMARKS.md); ~40 s.
+bench-compare: install
+	$(BIN)/python bench/compare_speed.py
 
 clean-venv:
 	rm -rf $(VENV)

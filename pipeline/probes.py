@@ -29,6 +29,11 @@ from torch import nn
 
 from .config import ConfigError
 
+# A chunk also leaves after this many seconds, even if not full: on a CPU, where a 224 px
+# step takes seconds, the console and the MLflow UI would otherwise wait minutes for the
+# first points. On a GPU flush_every fills first. Reading the host clock costs no sync.
+FLUSH_SECONDS = 5.0
+
 
 def check_layers(model: nn.Module, names: tuple[str, ...], image_size: int) -> None:
     """Refuse names that are not modules of ``model`` or that its forward pass never calls.
@@ -81,8 +86,9 @@ class Chunk:
 class GradientProbes:
     """Forward hooks that attach a gradient hook to each probed module's output.
 
-    Use: ``begin``/``commit`` around each training step; ``commit`` returns a ``Chunk``
-    when ``flush_every`` rows are full, and ``drain`` returns the partial rest.
+    Use: ``commit`` once per training step, after backward; it returns a ``Chunk`` when
+    ``flush_every`` rows are full (or FLUSH_SECONDS have passed), and ``drain`` returns the
+    partial rest.
     """
 
     def __init__(self, model: nn.Module, names: tuple[str, ...], flush_every: int,
@@ -96,6 +102,7 @@ class GradientProbes:
         self.step = 0               # global step of buf[0] + row
         self._first_step = 0
         self._timestamps: list[int] = []
+        self._last_drain = time.monotonic()
         modules = dict(model.named_modules())
         self._handles = [modules[n].register_forward_hook(self._on_forward(i))
                          for i, n in enumerate(names)]
@@ -118,7 +125,9 @@ class GradientProbes:
         self._timestamps.append(int(time.time() * 1000))
         self.row += 1
         self.step += 1
-        return self.drain() if self.row == self.flush_every else None
+        if self.row == self.flush_every or time.monotonic() - self._last_drain >= FLUSH_SECONDS:
+            return self.drain()
+        return None
 
     def drain(self) -> Chunk | None:
         """Start copying the filled rows to the host and reset the buffer; never syncs."""
@@ -136,6 +145,7 @@ class GradientProbes:
         self.buf.zero_()
         chunk = Chunk(self._first_step, host, event, self._timestamps)
         self._first_step, self._timestamps, self.row = self.step, [], 0
+        self._last_drain = time.monotonic()
         return chunk
 
     def remove(self) -> None:

@@ -24,7 +24,6 @@ from . import names
 
 MAX_METRICS_PER_CALL = 1000  # MLflow's log_batch limit
 MAX_PARAMS_PER_CALL = 100
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 
 
 def fail_pending_run(reason: str) -> None:
@@ -111,17 +110,9 @@ class Tracker:
         # nested=True: inside `all` (or any active run) the new run becomes its child.
         run = mlflow.start_run(run_name=run_name, nested=True, experiment_id=experiment_id)
         tracker = cls(run.info.run_id)
-        tracker._mark_experiment_kind(run.info.experiment_id)
         tracker._log_params(params)
         tracker.set_tags(tags)
         return tracker
-
-    def _mark_experiment_kind(self, experiment_id: str) -> None:
-        # MLflow 3's UI opens an experiment without this tag in its GenAI view, which shows
-        # no runs; marking it as model training opens the runs table and metric charts.
-        experiment = self.client.get_experiment(experiment_id)
-        if EXPERIMENT_KIND_TAG not in experiment.tags:
-            self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
 
     def _log_params(self, params: dict[str, str]) -> None:
         # `mlflow run` has logged every MLproject parameter already, as the user typed it;
