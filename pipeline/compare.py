@@ -233,7 +233,7 @@ def compare(experiment: str | None = None, run_ids: list[str] | None = None,
         "compare.noskip_run": ids["noskip"], "compare.skip_run": ids["skip"],
         "compare.layers": ",".join(chosen),
     }, experiment_id=query.experiment_id(experiment) if experiment else None)
-    try:
+    with tracker.ending():
         histories = {s.variant: s.chosen_history for s in sides}
         for fig, path in ((plots.comparison_norms(histories, chosen, model), NORMS_PLOT),
                           (plots.depth_profile(table, model), DEPTH_PLOT)):
@@ -247,10 +247,6 @@ def compare(experiment: str | None = None, run_ids: list[str] | None = None,
         tracker.log_dict({"runs": ids, "layers": chosen,
                           "summary": _records(table), "per_epoch": _records(per_epoch)}, SUMMARY_JSON)
         tracker.set_note(text)
-    except BaseException as e:
-        tracker.end("FAILED", f"{type(e).__name__}: {e}")
-        raise
-    tracker.end("FINISHED")
     return tracker.run_id
 
 

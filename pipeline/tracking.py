@@ -11,6 +11,7 @@ queue, and a writer thread turns them into ``log_batch`` calls of at most 1,000 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -164,6 +165,23 @@ class Tracker:
 
     def set_note(self, text: str) -> None:
         self.client.set_tag(self.run_id, names.NOTE_TAG, text)
+
+    @contextlib.contextmanager
+    def ending(self):
+        """End the run however the block exits: FINISHED, KILLED on Ctrl-C, else FAILED.
+
+        The reason of a KILLED or FAILED run goes into its ``error`` tag; the exception
+        propagates, so the caller still reports it.
+        """
+        try:
+            yield self
+        except KeyboardInterrupt:
+            self.end("KILLED", "interrupted (KeyboardInterrupt)")
+            raise
+        except BaseException as e:
+            self.end("FAILED", f"{type(e).__name__}: {e}")
+            raise
+        self.end("FINISHED")
 
     def end(self, status: str = "FINISHED", error: str | None = None) -> None:
         """End the run; on failure the reason goes into the ``error`` tag."""

@@ -113,17 +113,9 @@ def run(cfg: Config) -> str:
         names.CODE_VERSION_TAG: code_version(),
     })
     tracker.set_note(describe(cfg, data.source))
-    try:
-        with precision_mode(cfg.precision, device) as autocast:
-            gradients, summary = _train(cfg, model, data, device, autocast, tracker)
+    with tracker.ending(), precision_mode(cfg.precision, device) as autocast:
+        gradients, summary = _train(cfg, model, data, device, autocast, tracker)
         _log_artifacts(cfg, tracker, gradients, summary, data)
-    except KeyboardInterrupt:
-        tracker.end("KILLED", "interrupted (KeyboardInterrupt)")
-        raise
-    except BaseException as e:
-        tracker.end("FAILED", f"{type(e).__name__}: {e}")
-        raise
-    tracker.end("FINISHED")
     return tracker.run_id
 
 

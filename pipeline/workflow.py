@@ -38,7 +38,7 @@ def run_all(cfg: Config, force: bool) -> str:
     params = {k: v for k, v in to_params(cfg).items() if k != "skip"}
     params["force"] = "true" if force else "false"
     parent = Tracker.start(f"all-{cfg.model}", params, {"pipeline.step": "all"})
-    try:
+    with parent.ending():
         ids = {}
         for skip in (False, True):
             variant_cfg = dataclasses.replace(cfg, skip=skip)
@@ -55,13 +55,6 @@ def run_all(cfg: Config, force: bool) -> str:
         parent.set_note(f"Trained (or reused) `{ids['noskip']}` (noskip) and `{ids['skip']}` "
                         f"(skip), compared in `{compare_id}`; the comparison's summary is on "
                         "that run's page.")
-    except KeyboardInterrupt:
-        parent.end("KILLED", "interrupted (KeyboardInterrupt)")
-        raise
-    except BaseException as e:
-        parent.end("FAILED", f"{type(e).__name__}: {e}")
-        raise
-    parent.end("FINISHED")
     return parent.run_id
 
 

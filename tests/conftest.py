@@ -9,25 +9,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-# `mlflow run --env-manager local` runs the entry point's `python` from PATH, so the venv
-# that runs these tests goes first on PATH for every subprocess.
-VENV_BIN = os.path.dirname(sys.executable)
-
-# Variables that would attach a subprocess to some other run or experiment.
-_MLFLOW_RUN_VARS = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
-
-
-@dataclass(frozen=True)
-class Store:
-    dir: Path
-    uri: str
+# One home for the paths and the store type, shared with the compare/query/UI helpers.
+from runs_helpers import REPO_ROOT, RUN_VARS, VENV_BIN, Store
 
 
 def _store_in(directory: Path) -> Store:
@@ -36,7 +24,7 @@ def _store_in(directory: Path) -> Store:
 
 def _isolate(mp: pytest.MonkeyPatch, store: Store) -> None:
     mp.setenv("MLFLOW_TRACKING_URI", store.uri)
-    for var in _MLFLOW_RUN_VARS:
+    for var in RUN_VARS:
         mp.delenv(var, raising=False)
     mp.chdir(store.dir)
 
@@ -64,7 +52,7 @@ def subprocess_env(store: Store | None = None, **extra: str) -> dict[str, str]:
     """The current environment with the venv first on PATH, this checkout importable,
     and (when given) the tracking URI of ``store``."""
     env = dict(os.environ)
-    for var in _MLFLOW_RUN_VARS:
+    for var in RUN_VARS:
         env.pop(var, None)
     env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
     env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

@@ -32,6 +32,8 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# `mlflow run --env-manager local` runs the entry point's `python` from PATH, so the venv
+# that runs these tests goes first on PATH for every subprocess.
 VENV_BIN = os.path.dirname(sys.executable)
 # Variables that would attach a process to some other run or experiment.
 RUN_VARS = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
