@@ -180,11 +180,35 @@ def summarize(sides: list[Side]) -> tuple[pd.DataFrame, pd.DataFrame]:
     return table, pd.concat(per_epoch, ignore_index=True)
 
 
-def markdown(table: pd.DataFrame, per_epoch: pd.DataFrame, sides: list[Side]) -> str:
-    def g(x: float) -> str:
-        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
+def _g(x: float) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
 
-    lines = ["## Gradient norms: skip vs no skip", "",
+
+def diagnosis(table: pd.DataFrame, per_epoch: pd.DataFrame) -> list[str]:
+    """Plain-language findings: the input-side layer, and any layer whose status worsened
+    from the first epoch to a later one (the collapse a median hides)."""
+    first = table[table["depth"] == table["depth"].min()].set_index("variant")
+    layer = first["layer"].iloc[0]
+    found = [f"- Input-side layer `{layer}`: median {_g(first.loc['noskip', 'median'])} without "
+             f"skips ({first.loc['noskip', 'status']}), {_g(first.loc['skip', 'median'])} with "
+             f"skips ({first.loc['skip', 'status']}); skip/noskip = "
+             f"{_g(first.loc['skip', 'skip_over_noskip'])}."]
+    # How far from Healthy: exploding is as bad as vanishing, dead is the end.
+    rank = {"Healthy": 0, "Weak": 1, "Tiny": 2, "Vanishing": 3, "Exploding": 3, "Dead": 4}
+    for (lay, variant), g in per_epoch.groupby(["layer", "variant"], observed=True, sort=False):
+        g = g.sort_values("epoch")
+        start = g.iloc[0]
+        worse = g[g["status"].map(rank) > rank[start["status"]]]
+        if len(worse):
+            w = worse.iloc[0]
+            found.append(f"- `{lay}` ({variant}) went from {start['status']} in epoch "
+                         f"{int(start['epoch']) + 1} to {w['status']} in epoch {int(w['epoch']) + 1}.")
+    return found
+
+
+def markdown(table: pd.DataFrame, per_epoch: pd.DataFrame, sides: list[Side]) -> str:
+    g = _g
+    lines = ["## Gradient norms: skip vs no skip", "", *diagnosis(table, per_epoch), "",
              "| layer | variant | median | min | max | first | last | early | late | zero steps "
              "| skip/noskip | status |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]

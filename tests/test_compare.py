@@ -243,6 +243,22 @@ def test_markdown_per_epoch_section_shows_the_collapse(compared):
     assert cells[2].endswith("(Healthy)") and cells[3].endswith("(Dead)"), line
 
 
+def test_note_opens_with_a_diagnosis_naming_each_layer_that_worsened_and_when(compared):
+    store, runs, compare_id = compared
+    note = store.client.get_run(compare_id).data.tags["mlflow.note.content"]
+    head = note[:note.index("| layer |")]
+    per_epoch = read_csv(store, compare_id, "per_epoch.csv")
+    for (layer, variant), g in per_epoch.groupby(["layer", "variant"]):
+        statuses = g.sort_values("epoch")["status"].tolist()
+        sentence = f"`{layer}` ({variant}) went from {statuses[0]} in epoch 1 to"
+        if statuses[0] == "Healthy" and statuses[1] != "Healthy" or statuses[1] in ("Dead", "Exploding"):
+            assert f"{sentence} {statuses[1]} in epoch 2." in head, head
+        elif statuses[0] == statuses[1]:
+            assert sentence not in head, head
+    assert "`conv1` (skip) went from Healthy in epoch 1 to Dead in epoch 2." in head
+    assert "`layer1.0.conv1` (skip) went from Weak in epoch 1 to Exploding in epoch 2." in head
+
+
 def test_status_of_a_layer_does_not_depend_on_which_other_layers_are_compared(mlflow_store):
     # The rule divides by the median of the run's output-side probed layer (fc). Comparing
     # a subset of layers must not change what "Vanishing" means for conv1.
