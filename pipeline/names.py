@@ -27,6 +27,7 @@ NOTE_TAG = "mlflow.note.content"               # the run description the UI show
 STEPS_PER_EPOCH_TAG = "steps_per_epoch"        # epoch of a step = step // this
 CODE_VERSION_TAG = "code_version"              # pipeline.code_version(): digest of the source
 ERROR_TAG = "error"                            # why a run FAILED or was KILLED
+DEVICE_TAG = "device.resolved"                 # the device `device=auto` chose
 
 
 def grad_norm(layer: str) -> str:

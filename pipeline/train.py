@@ -109,7 +109,7 @@ def run(cfg: Config) -> str:
     # --- 3. the MLflow run --------------------------------------------------------------
     tracker = Tracker.start(cfg.run_name, cfg.to_params(), {
         names.VARIANT_TAG: cfg.variant, names.MODEL_TAG: cfg.model,
-        "device.resolved": str(device), names.STEPS_PER_EPOCH_TAG: str(data.steps_per_epoch),
+        names.DEVICE_TAG: str(device), names.STEPS_PER_EPOCH_TAG: str(data.steps_per_epoch),
         names.CODE_VERSION_TAG: code_version(),
     })
     tracker.set_note(describe(cfg, data.source))

@@ -12,7 +12,7 @@ import dataclasses
 import click
 
 from . import code_version, compare, names, query, train
-from .config import CompareConfig, Config, ConfigError, to_params
+from .config import AllConfig, CompareConfig, Config, ConfigError, to_params
 from .tracking import Tracker
 
 
@@ -36,7 +36,7 @@ def find_reusable(cfg: Config) -> str | None:
 def run_all(cfg: Config, force: bool) -> str:
     """Returns the `all` run's ID."""
     params = {k: v for k, v in to_params(cfg).items() if k != "skip"}
-    params["force"] = "true" if force else "false"
+    params.update(to_params(AllConfig(force=force)))
     parent = Tracker.start(f"all-{cfg.model}", params, {"pipeline.step": "all"})
     with parent.ending():
         ids = {}
