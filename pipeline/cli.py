@@ -74,6 +74,19 @@ def train(**values: str | None) -> None:
 
 
 @cli.command()
+@click.argument("run_id")
+def rerun(run_id: str) -> None:
+    """Train again exactly what RUN_ID trained, from its config.json artifact."""
+    def action():
+        from . import names, query
+        from . import train as train_mod
+        cfg = config.Config.from_strings(query.run_config(run_id))
+        return train_mod.run(cfg, tags={names.RERUN_OF_TAG: run_id})
+    new_id = _dispatch(action)
+    click.echo(f"MLflow run {new_id} reran {run_id}")
+
+
+@cli.command()
 @_options(config.CompareConfig)
 def compare(**values: str | None) -> None:
     """Compare a skip and a no-skip run: plots, summary tables and a diagnosis."""

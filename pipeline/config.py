@@ -82,6 +82,13 @@ class Config:
     device: str = _param("auto", "auto (cuda if available, else cpu), cpu or cuda", choices=DEVICES)
     precision: str = _param("default", "default (PyTorch's: TF32 convs on Ampere+), fp32 "
                                        "(strict IEEE) or bf16 (autocast)", choices=PRECISIONS)
+    # --- what else the run records (the model is ~95 MB at 224 px) ---------------------
+    log_model: str = _param("auto", "log the trained model: auto (on for full runs, off when "
+                                    "max_steps is set), true or false", kind="auto_or_bool")
+    # "none", not "": `mlflow run` would log an empty default as the string "''".
+    register_as: str = _param("none", "register the logged model under this name (none: don't)")
+    log_system_metrics: str = _param("auto", "record CPU, memory and GPU use: auto (on for GPU "
+                                             "runs), true or false", kind="auto_or_bool")
     # Norms wait on the device this many steps before one readback: the copy is the only
     # device->host traffic of the probes, so a larger value means fewer, larger transfers.
     flush_every: int = _param(100, "steps between readbacks of the on-device norm buffer", min=1)
@@ -94,6 +101,19 @@ class Config:
     @property
     def run_name(self) -> str:
         return f"{self.model}-{self.variant}"
+
+    @property
+    def registered_name(self) -> str | None:
+        return None if self.register_as.lower() == "none" else self.register_as
+
+    @property
+    def wants_model(self) -> bool:
+        return self.max_steps == 0 if self.log_model == "auto" else self.log_model == "true"
+
+    def wants_system_metrics(self, device_type: str) -> bool:
+        if self.log_system_metrics == "auto":
+            return device_type == "cuda"
+        return self.log_system_metrics == "true"
 
     def resolved_num_workers(self, cpu_count: int | None) -> int:
         if self.num_workers != "auto":
@@ -158,6 +178,13 @@ def parse_field(f: dataclasses.Field, raw: Any) -> Any:
             raise ConfigError(name, "the list is empty; give comma-separated module names, "
                                     f"e.g. {','.join(DEFAULT_LAYERS)}")
         return layers
+    if meta.get("kind") == "auto_or_bool":
+        if text.lower() == "auto":
+            return "auto"
+        try:
+            return format_value(parse_bool(name, text))
+        except ConfigError:
+            raise ConfigError(name, f"{raw!r} is not allowed; allowed: auto, true, false") from None
     if meta.get("kind") == "auto_or_int":
         if text.lower() == "auto":
             return "auto"

@@ -5,8 +5,9 @@ ToTensor with no normalisation, so all three feed the network the same kind of i
 """
 from __future__ import annotations
 
+import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -61,18 +62,39 @@ class SyntheticCIFAR(Dataset):
         return (self.transform(image) if self.transform else image), self.targets[i]
 
 
+@dataclass(frozen=True)
+class Lineage:
+    """Where one split came from, for the run's dataset record (MLflow ``log_input``)."""
+
+    name: str             # e.g. "cifar10-train"
+    digest: str           # changes when the data changes
+    source_type: str      # "http" (torchvision download), "local" (a folder) or "code"
+    source: str           # the URL or folder; for "code", the generator
+    context: str          # "training" or "evaluation"
+    rows: int
+    details: dict = field(default_factory=dict)
+
+
+def _digest(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else repr(p).encode())
+    return h.hexdigest()[:16]
+
+
 @dataclass
 class Data:
     train: DataLoader
     test: DataLoader
     source: str          # where the images came from, for the run's description
+    lineage: list[Lineage] = field(default_factory=list)
 
     @property
     def steps_per_epoch(self) -> int:
         return len(self.train)
 
 
-def _cifar10(cfg: Config, transform) -> tuple[Dataset, Dataset, str]:
+def _cifar10(cfg: Config, transform) -> tuple[Dataset, Dataset, str, list[Lineage]]:
     root = Path(cfg.data_dir)
     try:
         # download=True is a no-op when the files are present: torchvision checks every
@@ -85,10 +107,16 @@ def _cifar10(cfg: Config, transform) -> tuple[Dataset, Dataset, str]:
             f"data_dir: CIFAR-10 is not in {root.resolve()}/cifar-10-batches-py and could not "
             f"be downloaded ({reason}); copy it there, or use -P dataset=imagefolder "
             f"-P data_dir=DIR (DIR/train/<class>/*.jpg) or -P dataset=synthetic") from None
-    return train, test, f"torchvision CIFAR10 at {root.resolve()}"
+    lineage = [
+        # torchvision has verified each file against these MD5s, so they identify the data.
+        Lineage(f"cifar10-{split}", _digest([md5 for _, md5 in files]), "http", ds.url,
+                context, len(ds), {"root": str(root.resolve())})
+        for split, files, ds, context in (("train", train.train_list, train, "training"),
+                                          ("test", test.test_list, test, "evaluation"))]
+    return train, test, f"torchvision CIFAR10 at {root.resolve()}", lineage
 
 
-def _imagefolder(cfg: Config, transform) -> tuple[Dataset, Dataset, str]:
+def _imagefolder(cfg: Config, transform) -> tuple[Dataset, Dataset, str, list[Lineage]]:
     root = Path(cfg.data_dir)
     splits = []
     for split in ("train", "test"):
@@ -103,20 +131,31 @@ def _imagefolder(cfg: Config, transform) -> tuple[Dataset, Dataset, str]:
     if len(splits[0].classes) != NUM_CLASSES:
         raise DataError(f"data_dir: {root.resolve()}/train has {len(splits[0].classes)} classes; "
                         f"the network's head has {NUM_CLASSES}")
-    return splits[0], splits[1], f"ImageFolder at {root.resolve()}"
+    lineage = []
+    for split, ds, context in (("train", splits[0], "training"), ("test", splits[1], "evaluation")):
+        folder = (root / split).resolve()
+        # Relative paths, labels and sizes: cheap (one stat per file) and catches any change.
+        files = [(os.path.relpath(p, folder), y, os.path.getsize(p)) for p, y in ds.samples]
+        lineage.append(Lineage(f"{root.resolve().name}-{split}", _digest(files), "local",
+                               str(folder), context, len(ds)))
+    return splits[0], splits[1], f"ImageFolder at {root.resolve()}", lineage
 
 
-def _synthetic(cfg: Config, transform) -> tuple[Dataset, Dataset, str]:
+def _synthetic(cfg: Config, transform) -> tuple[Dataset, Dataset, str, list[Lineage]]:
     train = SyntheticCIFAR(cfg.synthetic_size, cfg.seed, train=True, transform=transform)
     test = SyntheticCIFAR(cfg.synthetic_test_size, cfg.seed, train=False, transform=transform)
-    return train, test, f"synthetic CIFAR-shaped data (seed {cfg.seed})"
+    lineage = [Lineage(f"synthetic-{split}", _digest(ds.data.tobytes(), ds.targets), "code",
+                       "pipeline.data.SyntheticCIFAR", context, len(ds),
+                       {"seed": cfg.seed, "train": split == "train"})
+               for split, ds, context in (("train", train, "training"), ("test", test, "evaluation"))]
+    return train, test, f"synthetic CIFAR-shaped data (seed {cfg.seed})", lineage
 
 
 def build(cfg: Config, device: torch.device) -> Data:
     """Datasets and loaders for ``cfg``; raises DataError with one line when data is missing."""
     transform = notebook_transform(cfg.image_size)
     make = {"cifar10": _cifar10, "imagefolder": _imagefolder, "synthetic": _synthetic}[cfg.dataset]
-    train, test, source = make(cfg, transform)
+    train, test, source, lineage = make(cfg, transform)
 
     if cfg.max_steps and len(test) > cfg.max_steps * cfg.batch_size:
         # A smoke run tests on a fixed random sample, not the first images: test sets are
@@ -138,4 +177,5 @@ def build(cfg: Config, device: torch.device) -> Data:
         train=DataLoader(train, sampler=order, drop_last=False, **common),
         test=DataLoader(test, shuffle=False, **common),
         source=source,
+        lineage=lineage,
     )

@@ -19,6 +19,8 @@ IMAGES_PER_SECOND = "train/images_per_second"
 # Artifacts.
 GRADIENTS_JSON = "gradients/gradients.json"     # {layer: [norm per batch, ...]}, the notebook's shape
 GRADIENT_PLOT = "plots/gradient_norms.png"
+CONFIG_JSON = "config.json"                    # {"params": {...}, "code_version": ...}: rerun input
+MODEL = "model"                                 # the logged model's name (mlflow.pytorch, pt2)
 
 # Tags.
 VARIANT_TAG = "variant"                        # "skip" | "noskip"
@@ -28,6 +30,7 @@ STEPS_PER_EPOCH_TAG = "steps_per_epoch"        # epoch of a step = step // this
 CODE_VERSION_TAG = "code_version"              # pipeline.code_version(): digest of the source
 ERROR_TAG = "error"                            # why a run FAILED or was KILLED
 DEVICE_TAG = "device.resolved"                 # the device `device=auto` chose
+RERUN_OF_TAG = "rerun_of"                      # `rerun`: the run whose config.json this replays
 
 
 def grad_norm(layer: str) -> str:

@@ -29,9 +29,10 @@ from torch import nn
 
 from .config import ConfigError
 
-# A chunk also leaves after this many seconds, even if not full: on a CPU, where a 224 px
-# step takes seconds, the console and the MLflow UI would otherwise wait minutes for the
-# first points. On a GPU flush_every fills first. Reading the host clock costs no sync.
+# The training loop also lets a chunk leave after this many seconds, even if not full: on a
+# CPU, where a 224 px step takes seconds, the console and the MLflow UI would otherwise wait
+# minutes for the first points. On a GPU flush_every fills first. Reading the host clock
+# costs no sync.
 FLUSH_SECONDS = 5.0
 
 
@@ -92,9 +93,10 @@ class GradientProbes:
     """
 
     def __init__(self, model: nn.Module, names: tuple[str, ...], flush_every: int,
-                 device: torch.device):
+                 device: torch.device, flush_seconds: float | None = None):
         self.names = list(names)
         self.flush_every = flush_every
+        self.flush_seconds = flush_seconds  # None: chunks are exactly flush_every rows
         self.device = device
         # columns 0..L-1: squared output-gradient norm per layer; column L: the loss
         self.buf = torch.zeros(flush_every, len(names) + 1, dtype=torch.float64, device=device)
@@ -125,7 +127,9 @@ class GradientProbes:
         self._timestamps.append(int(time.time() * 1000))
         self.row += 1
         self.step += 1
-        if self.row == self.flush_every or time.monotonic() - self._last_drain >= FLUSH_SECONDS:
+        if self.row == self.flush_every or (
+                self.flush_seconds is not None
+                and time.monotonic() - self._last_drain >= self.flush_seconds):
             return self.drain()
         return None
 

@@ -9,7 +9,12 @@ Works against any tracking URI MLflow resolves (``MLFLOW_TRACKING_URI`` or the d
 """
 from __future__ import annotations
 
-import mlflow
+import os
+
+# Reading one small JSON artifact should not draw a download progress bar.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+import mlflow  # noqa: E402
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
@@ -111,11 +116,21 @@ def gradient_history(run_id: str, layers: list[str] | None = None) -> pd.DataFra
     return history.sort_values(["step", "layer"], kind="stable").reset_index(drop=True)
 
 
+def run_config(run_id: str) -> dict[str, str]:
+    """The ``params`` of a run's ``config.json`` artifact: what ``rerun`` trains again."""
+    get_run(run_id)
+    try:
+        return mlflow.artifacts.load_dict(f"runs:/{run_id}/{names.CONFIG_JSON}")["params"]
+    except (MlflowException, OSError, KeyError):
+        raise QueryError(f"runs: run {run_id} has no {names.CONFIG_JSON} artifact; only training "
+                         "runs made by this version can be rerun") from None
+
+
 def final_metrics(run) -> dict[str, float]:
     """The last value of each per-epoch metric, as shown in the UI's run table."""
     keys = (names.TRAIN_ACCURACY, names.TRAIN_LOSS, names.TEST_ACCURACY, names.TEST_LOSS)
     return {k: run.data.metrics.get(k, float("nan")) for k in keys}
 
 
-__all__ = ["QueryError", "experiment_id", "find_runs", "get_run",
+__all__ = ["QueryError", "experiment_id", "find_runs", "get_run", "run_config",
            "probed_layers", "gradient_history", "final_metrics"]

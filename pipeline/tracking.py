@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import sys
 import threading
 from typing import Any, Callable
 
@@ -41,6 +42,22 @@ def fail_pending_run(reason: str) -> None:
         client.set_terminated(run_id, "FAILED")
     except Exception:  # noqa: BLE001 - the user's error line matters more than this one
         pass
+
+
+def _system_metrics_available() -> bool:
+    """MLflow samples CPU and memory with psutil, GPUs with nvidia-ml-py (pynvml)."""
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        print("notice: system metrics off: psutil is not installed", file=sys.stderr)
+        return False
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+    except Exception as e:  # noqa: BLE001 - no driver, no GPU, or no package: CPU/memory only
+        print(f"notice: GPU system metrics unavailable ({type(e).__name__}); logging CPU and "
+              "memory only", file=sys.stderr)
+    return True
 
 
 class MetricWriter(threading.Thread):
@@ -105,11 +122,14 @@ class Tracker:
     # --- start ------------------------------------------------------------------------
     @classmethod
     def start(cls, run_name: str, params: dict[str, str], tags: dict[str, str],
-              experiment_id: str | None = None) -> "Tracker":
+              experiment_id: str | None = None, system_metrics: bool = False) -> "Tracker":
         # Attaches to MLFLOW_RUN_ID under `mlflow run` (renaming it); otherwise creates a run
         # in MLFLOW_EXPERIMENT_NAME/_ID (or the default experiment), with git/source tags.
         # nested=True: inside `all` (or any active run) the new run becomes its child.
-        run = mlflow.start_run(run_name=run_name, nested=True, experiment_id=experiment_id)
+        if system_metrics:
+            system_metrics = _system_metrics_available()
+        run = mlflow.start_run(run_name=run_name, nested=True, experiment_id=experiment_id,
+                               log_system_metrics=system_metrics)
         tracker = cls(run.info.run_id)
         tracker._log_params(params)
         tracker.set_tags(tags)
@@ -162,6 +182,37 @@ class Tracker:
 
     def log_figure(self, figure, path: str) -> None:
         self.client.log_figure(self.run_id, figure, path)
+
+    def log_datasets(self, lineage) -> None:
+        """One MLflow dataset input per split (``data.Lineage``), shown on the run page."""
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+
+        for item in lineage:
+            if item.source_type == "http":
+                source = HTTPDatasetSource(item.source)
+            elif item.source_type == "local":
+                source = resolve_dataset_source(item.source)
+            else:
+                source = CodeDatasetSource({"generator": item.source, **item.details})
+            dataset = MetaDataset(source, name=item.name, digest=item.digest)
+            mlflow.log_input(dataset, context=item.context,
+                             tags={"rows": str(item.rows), **{k: str(v) for k, v in item.details.items()}})
+
+    def log_model(self, model, example, output, registered_name: str | None):
+        """The trained model, as a torch.export program (``pt2``): loading it back runs no
+        pickled code. ``example`` (numpy, batch >= 2, so the batch dimension stays dynamic:
+        an example of batch 1 would pin it to 1) and the model's ``output`` on it give the
+        signature."""
+        import mlflow.pytorch
+        from mlflow.models import infer_signature
+
+        return mlflow.pytorch.log_model(
+            model, name=names.MODEL, input_example=example,
+            signature=infer_signature(example, output), serialization_format="pt2",
+            registered_model_name=registered_name)
 
     def set_note(self, text: str) -> None:
         self.client.set_tag(self.run_id, names.NOTE_TAG, text)

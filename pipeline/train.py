@@ -16,7 +16,7 @@ from . import code_version, names, plots
 from . import data as data_mod
 from .config import Config, ConfigError
 from .models import build_model
-from .probes import GradientProbes, check_layers
+from .probes import FLUSH_SECONDS, GradientProbes, check_layers
 from .progress import Progress
 from .tracking import Tracker
 
@@ -95,8 +95,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast):
     return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)
 
 
-def run(cfg: Config) -> str:
-    """Train one variant and log it; returns the MLflow run ID."""
+def run(cfg: Config, tags: dict[str, str] | None = None) -> str:
+    """Train one variant and log it; returns the MLflow run ID. ``tags`` are added to the run."""
     # --- 1. check everything cheap before any download or device work -----------------
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)  # the init draws, in the notebook's module order
@@ -110,13 +110,48 @@ def run(cfg: Config) -> str:
     tracker = Tracker.start(cfg.run_name, cfg.to_params(), {
         names.VARIANT_TAG: cfg.variant, names.MODEL_TAG: cfg.model,
         names.DEVICE_TAG: str(device), names.STEPS_PER_EPOCH_TAG: str(data.steps_per_epoch),
-        names.CODE_VERSION_TAG: code_version(),
-    })
+        names.CODE_VERSION_TAG: code_version(), **(tags or {}),
+    }, system_metrics=cfg.wants_system_metrics(device.type))
     tracker.set_note(describe(cfg, data.source))
     with tracker.ending(), precision_mode(cfg.precision, device) as autocast:
+        # What reproduces this run: the resolved configuration and the software it ran on.
+        tracker.log_dict({"params": cfg.to_params(), "code_version": code_version()},
+                         names.CONFIG_JSON)
+        tracker.set_tags(environment(device))
+        tracker.log_datasets(data.lineage)
         gradients, summary = _train(cfg, model, data, device, autocast, tracker)
         _log_artifacts(cfg, tracker, gradients, summary, data)
+        if cfg.wants_model:
+            _log_model(cfg, tracker, model, device)
     return tracker.run_id
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """Versions and numeric settings that can change results, as ``env.*`` tags."""
+    import mlflow
+    import torchvision
+
+    cuda = device.type == "cuda"
+    return {
+        "env.torch": torch.__version__, "env.torchvision": torchvision.__version__,
+        "env.mlflow": mlflow.__version__, "env.cuda": str(torch.version.cuda),
+        "env.cudnn": str(torch.backends.cudnn.version()),
+        "env.gpu": torch.cuda.get_device_name(device) if cuda else "none",
+        "env.cudnn.allow_tf32": str(torch.backends.cudnn.allow_tf32).lower(),
+        "env.matmul.allow_tf32": str(torch.backends.cuda.matmul.allow_tf32).lower(),
+        "env.float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "env.cpu_threads": str(torch.get_num_threads()),
+    }
+
+
+def _log_model(cfg: Config, tracker: Tracker, model: nn.Module, device: torch.device) -> None:
+    model.eval()
+    # A fixed, seeded example of batch 2 (see tracking.log_model for why not 1).
+    example = torch.rand(2, 3, cfg.image_size, cfg.image_size,
+                         generator=torch.Generator().manual_seed(cfg.seed))
+    with torch.no_grad():
+        output = model(example.to(device)).float().cpu()
+    tracker.log_model(model, example.numpy(), output.numpy(), cfg.registered_name)
 
 
 def _train(cfg, model, data, device, autocast, tracker):
@@ -128,9 +163,11 @@ def _train(cfg, model, data, device, autocast, tracker):
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     # The buffer never needs more rows than the run has steps.
-    probes = GradientProbes(model, cfg.layers, min(cfg.flush_every, total), device)
+    probes = GradientProbes(model, cfg.layers, min(cfg.flush_every, total), device,
+                            flush_seconds=FLUSH_SECONDS)
     keys = [names.grad_norm(layer) for layer in cfg.layers] + [names.TRAIN_LOSS]
-    progress = Progress(cfg.epochs, steps_per_epoch, cfg.batch_size, total)
+    progress = Progress(cfg.epochs, steps_per_epoch, cfg.batch_size, total,
+                        estimate=device.type == "cpu")
     tracker.stream(keys, on_values=progress.on_values)
 
     step, summary = 0, {}
