@@ -16,6 +16,7 @@ import os
 import queue
 import sys
 import threading
+import warnings
 from typing import Any, Callable
 
 import mlflow
@@ -194,7 +195,12 @@ class Tracker:
             if item.source_type == "http":
                 source = HTTPDatasetSource(item.source)
             elif item.source_type == "local":
-                source = resolve_dataset_source(item.source)
+                with warnings.catch_warnings():
+                    # MLflow registers its local-file source under two names and warns that
+                    # the path is ambiguous; both resolve to the same "local" source type.
+                    warnings.filterwarnings("ignore", message="The specified dataset source can "
+                                                             "be interpreted in multiple ways")
+                    source = resolve_dataset_source(item.source)
             else:
                 source = CodeDatasetSource({"generator": item.source, **item.details})
             dataset = MetaDataset(source, name=item.name, digest=item.digest)
