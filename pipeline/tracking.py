@@ -76,7 +76,6 @@ class MetricWriter(threading.Thread):
         self.series: dict[str, list[tuple[int, float]]] = {}
         self.error: BaseException | None = None
         self.on_values = on_values
-        self.sent = 0
 
     def run(self) -> None:
         while True:
@@ -109,7 +108,6 @@ class MetricWriter(threading.Thread):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + MAX_METRICS_PER_CALL])
         for m in metrics:
             self.series.setdefault(m.key, []).append((m.step, m.value))
-        self.sent += len(metrics)
 
 
 class Tracker:
