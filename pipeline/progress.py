@@ -80,7 +80,7 @@ class Progress:
         elif step == ESTIMATE_AT and self._t_estimate is not None:
             per_step = (now - self._t_estimate) / (ESTIMATE_AT - ESTIMATE_FROM)
             total = per_step * self.total_steps
-            self.write(f"estimate: {self.total_steps:,} training steps at {per_step:.2f} s/step on "
+            self.write(f"estimate: {self.total_steps:,} training steps at {per_step:.3g} s/step on "
                        f"this CPU = ~{format_duration(total)} (test passes not included); for a "
                        "quick look try -P image_size=32 -P epochs=1, or -P max_steps=200")
             self._estimate = False
