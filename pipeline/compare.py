@@ -140,10 +140,6 @@ def select_runs(experiment: str | None, run_ids: list[str] | None) -> dict[str, 
 
 def shared_layers(runs: dict[str, object], wanted: list[str] | None) -> list[str]:
     per_run = {v: query.probed_layers(r) for v, r in runs.items()}
-    for v, layers in per_run.items():
-        if not layers:
-            raise QueryError(f"runs: run {runs[v].info.run_id} has no {names.GRAD_NORM_PREFIX}* "
-                             "metrics; is it a training run of this project?")
     first = per_run["noskip"]
     shared = [layer for layer in first if all(layer in ls for ls in per_run.values())]
     if not shared:

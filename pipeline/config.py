@@ -134,6 +134,11 @@ def fields(cls=None) -> tuple[dataclasses.Field, ...]:
     return dataclasses.fields(cls or Config)
 
 
+def split_list(text: str) -> list[str]:
+    """Comma-separated names, stripped, empties dropped, first occurrence kept."""
+    return list(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+
+
 def format_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -173,7 +178,7 @@ def parse_field(f: dataclasses.Field, raw: Any) -> Any:
             raise ConfigError(name, f"{raw!r} is not allowed; allowed: a finite number > 0")
         return value
     if meta.get("kind") == "names":
-        layers = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+        layers = tuple(split_list(text))
         if not layers:
             raise ConfigError(name, "the list is empty; give comma-separated module names, "
                                     f"e.g. {','.join(DEFAULT_LAYERS)}")
@@ -219,11 +224,11 @@ class CompareConfig:
 
     @property
     def run_ids(self) -> list[str] | None:
-        return None if self.runs == LATEST else [r.strip() for r in self.runs.split(",") if r.strip()]
+        return None if self.runs == LATEST else split_list(self.runs)
 
     @property
     def layer_list(self) -> list[str] | None:
-        return None if self.layers == SHARED else [x.strip() for x in self.layers.split(",") if x.strip()]
+        return None if self.layers == SHARED else split_list(self.layers)
 
 
 @dataclass(frozen=True)

@@ -99,9 +99,9 @@ class Progress:
         if self.tty:
             self._batch_bar.close()
             self._epoch_bar.update(1)
-            self._epoch_bar.write(f"epoch {self.epoch + 1}: {summary}")
+            self.write(f"epoch {self.epoch + 1}: {summary}")
         else:
-            print(f"epoch {self.epoch + 1}/{self.epochs}: {summary}", file=self.stream, flush=True)
+            self.write(f"epoch {self.epoch + 1}/{self.epochs}: {summary}")
 
     def close(self) -> None:
         for bar in (self._batch_bar, self._epoch_bar):

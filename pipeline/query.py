@@ -79,8 +79,14 @@ def get_run(run_id: str):
 
 
 def probed_layers(run) -> list[str]:
-    """The run's probed layers, input side first (the order of its ``layers`` param)."""
+    """The run's probed layers, input side first (the order of its ``layers`` param).
+
+    Raises QueryError for a run without ``grad_norm/*`` metrics.
+    """
     logged = {names.layer_of(k) for k in run.data.metrics if k.startswith(names.GRAD_NORM_PREFIX)}
+    if not logged:
+        raise QueryError(f"runs: run {run.info.run_id} has no {names.GRAD_NORM_PREFIX}* metrics; "
+                         "is it a training run of this project?")
     order = [layer for layer in run.data.params.get("layers", "").split(",") if layer in logged]
     return order + sorted(logged - set(order))
 
@@ -93,9 +99,6 @@ def gradient_history(run_id: str, layers: list[str] | None = None) -> pd.DataFra
     """
     run = get_run(run_id)
     available = probed_layers(run)
-    if not available:
-        raise QueryError(f"runs: run {run_id} has no {names.GRAD_NORM_PREFIX}* metrics; "
-                         "is it a training run of this project?")
     if layers is None:
         layers = available
     missing = [layer for layer in layers if layer not in available]
