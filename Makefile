@@ -10,7 +10,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 P       ?=
 
-.PHONY: run test test-fast bench-compare install install-test clean-venv
+.PHONY: run test test-fast bench bench-compare install install-test clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ test: install-test
 # The quick loop while developing: everything but the slow integration tests.
 test-fast: install-test
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The training-step benchmark: the notebook's loop against ours, one table (BENCHMARKS.md).
+# On a GPU ~3 min; BENCH_ARGS="--quick" runs tiny sizes on a CPU in about a minute (CI).
+bench: install
+	$(BIN)/python bench/train_step.py $(BENCH_ARGS)
 
 # Times the compare step on two full-size runs (see BENCHMARKS.md); ~40 s.
 bench-compare: install

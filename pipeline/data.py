@@ -1,11 +1,24 @@
-"""Datasets and loaders: CIFAR-10 (torchvision), an ImageFolder tree, or synthetic images.
+"""Datasets and batches: CIFAR-10 (torchvision), an ImageFolder tree, or synthetic images.
 
 Every dataset yields PIL images through the notebook's transform, Resize((size, size)) +
 ToTensor with no normalisation, so all three feed the network the same kind of input.
+
+Two ways to batch them (``data_path``), with the same order and the same pixels:
+
+* ``dataloader``: CPU worker processes run the PIL transform per image: the notebook's way,
+  and the reference. On a GPU it starves the step: 17.6 ms of PIL per batch of 16 against a
+  6.6 ms training step (shared/reference/measurements.md).
+* ``device``: the split is decoded once into a uint8 tensor on the training device and every
+  batch is one gather there. When the resized set fits in device memory (CIFAR-10 at 224 px:
+  7.5 GB + 1.5 GB) it is resized once up front by the notebook's own PIL transform, so the
+  pixels are identical; otherwise the native images (CIFAR: 150 MB) stay on the device and
+  each batch is resized there in float32, within 1/255 of PIL per pixel
+  (tests/test_engine.py checks both).
 """
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,10 +97,12 @@ def _digest(*parts) -> str:
 
 @dataclass
 class Data:
-    train: DataLoader
-    test: DataLoader
+    train: "DataLoader | DeviceBatches"
+    test: "DataLoader | DeviceBatches"
     source: str          # where the images came from, for the run's description
     lineage: list[Lineage] = field(default_factory=list)
+    path: str = "dataloader"   # the resolved data_path
+    resize: str = "PIL per image, in loader workers (the notebook's)"
 
     @property
     def steps_per_epoch(self) -> int:
@@ -151,6 +166,160 @@ def _synthetic(cfg: Config, transform) -> tuple[Dataset, Dataset, str, list[Line
     return train, test, f"synthetic CIFAR-shaped data (seed {cfg.seed})", lineage
 
 
+# The device path's test batches: evaluation has no probes and no optimizer, and 16 images
+# per forward would make it host-bound (~2 s per epoch on an H200); the batch size changes
+# only the order of the sums.
+EVAL_BATCH = 256
+
+
+class DeviceBatches:
+    """Batches gathered from a uint8 split that lives on the device; iterates like a
+    DataLoader, in the same order as ``order`` (the CPU path's sampler) when one is given."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, batch_size: int,
+                 image_size: int, order: torch.utils.data.Sampler | None = None):
+        self.images, self.targets = images, targets
+        self.batch_size, self.image_size, self.order = batch_size, image_size, order
+        self.resize_each_batch = images.shape[-1] != image_size or images.shape[-2] != image_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.targets) / self.batch_size)
+
+    def __iter__(self):
+        n, device = len(self.targets), self.images.device
+        if self.order is None:
+            index = None
+        else:
+            # The sampler itself draws the epoch's order, so both paths see the same batches
+            # (it also advances its generator exactly as the loader's would). ~3 ms per
+            # epoch on the host, then one copy; never inside a step.
+            index = torch.as_tensor(list(self.order), dtype=torch.int64)
+            if device.type == "cuda":
+                index = index.pin_memory()
+            index = index.to(device, non_blocking=True)
+        for start in range(0, n, self.batch_size):
+            if index is None:
+                x = self.images[start:start + self.batch_size]
+                y = self.targets[start:start + self.batch_size]
+            else:
+                pick = index[start:start + self.batch_size]
+                x, y = self.images.index_select(0, pick), self.targets.index_select(0, pick)
+            if self.resize_each_batch:
+                x = resize_on_device(x, self.image_size)
+            # ToTensor's own arithmetic (float, then divide by 255), for identical inputs.
+            yield x.float().div_(255), y
+
+
+def resize_on_device(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Bilinear, antialiased, rounded to uint8 like PIL: within 1 of PIL's value per pixel."""
+    out = torch.nn.functional.interpolate(images.float(), size=(image_size, image_size),
+                                          mode="bilinear", antialias=True, align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+    return psutil.virtual_memory().available
+
+
+def _decode(dataset: Dataset, workers: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Every image of ``dataset`` at its native size as uint8 (N, 3, H, W), and the labels;
+    None when the images differ in size. Runs the dataset's own loading code in workers."""
+    loader = DataLoader(_Native(dataset), batch_size=512, num_workers=workers,
+                        collate_fn=_stack_if_uniform)
+    images, labels = [], []
+    for x, y in loader:
+        if x is None:
+            return None
+        images.append(x)
+        labels.append(y)
+    if len({tuple(x.shape[1:]) for x in images}) != 1:
+        return None
+    return torch.cat(images), torch.cat(labels)
+
+
+class _Native(Dataset):
+    """The wrapped dataset's images as uint8 CHW tensors, without its transform."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        image, label = _untransformed(self.dataset, i)
+        return transforms.functional.pil_to_tensor(image.convert("RGB")), label
+
+
+def _untransformed(dataset: Dataset, i: int):
+    if isinstance(dataset, Subset):
+        return _untransformed(dataset.dataset, dataset.indices[i])
+    saved = dataset.transform
+    dataset.transform = None  # only inside a loader worker's copy, or our own process
+    try:
+        return dataset[i]
+    finally:
+        dataset.transform = saved
+
+
+def _stack_if_uniform(batch):
+    shapes = {x.shape for x, _ in batch}
+    if len(shapes) != 1:
+        return None, None
+    return torch.stack([x for x, _ in batch]), torch.tensor([y for _, y in batch])
+
+
+def to_device(dataset: Dataset, image_size: int, device: torch.device, workers: int,
+              budget_bytes: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The split as uint8 on ``device``: resized once, by PIL, when that fits in
+    ``budget_bytes``; else at its native size, to be resized per batch on the device."""
+    n = len(dataset)
+    if n * 3 * image_size * image_size <= budget_bytes:
+        # The notebook's own PIL Resize, in loader workers: the same pixels, bit for bit.
+        # (torchvision's uint8 tensor kernel is faster but differs from PIL by a level or
+        # two on some sizes, e.g. 32 -> 36 or 112.)
+        out = torch.empty((n, 3, image_size, image_size), dtype=torch.uint8, device=device)
+        labels = torch.empty(n, dtype=torch.int64)
+        loader = DataLoader(_Resized(dataset, image_size), batch_size=512, num_workers=workers)
+        start = 0
+        for x, y in loader:
+            out[start:start + len(y)].copy_(x)
+            labels[start:start + len(y)] = y
+            start += len(y)
+        return out, labels.to(device), "host-once"
+    native = _decode(dataset, workers)
+    if native is None:
+        raise DataError(f"data_path: the images differ in size, and resized to {image_size} px "
+                        f"they do not fit on {device}; use -P data_path=dataloader")
+    images, labels = native
+    return images.to(device), labels.to(device), "device-batch"
+
+
+class _Resized(_Native):
+    def __init__(self, dataset: Dataset, image_size: int):
+        super().__init__(dataset)
+        self.resize = transforms.Resize((image_size, image_size))
+
+    def __getitem__(self, i: int):
+        image, label = _untransformed(self.dataset, i)
+        return transforms.functional.pil_to_tensor(self.resize(image.convert("RGB"))), label
+
+
+RESIZE_NOTES = {
+    "host-once": "resized once by PIL on the host, then kept on the device (bit-exact)",
+    "device-batch": "resized per batch on the device (float bilinear, within 1/255 of PIL)",
+}
+
+
+def resolve_data_path(cfg: Config, device: torch.device) -> str:
+    if cfg.data_path == "auto":
+        return "device" if device.type == "cuda" else "dataloader"
+    return cfg.data_path
+
+
 def build(cfg: Config, device: torch.device) -> Data:
     """Datasets and loaders for ``cfg``; raises DataError with one line when data is missing."""
     transform = notebook_transform(cfg.image_size)
@@ -165,14 +334,24 @@ def build(cfg: Config, device: torch.device) -> Data:
         test = Subset(test, pick[:cfg.max_steps * cfg.batch_size].sort().values.tolist())
 
     workers = cfg.resolved_num_workers(os.cpu_count())
-    common = dict(batch_size=cfg.batch_size, num_workers=workers,
-                  pin_memory=device.type == "cuda",  # lets the host->device copy run async
-                  persistent_workers=workers > 0)
     # The order of every epoch follows from the seed alone (the notebook shuffled too). The
     # sampler owns its generator: a DataLoader's own generator also seeds worker processes,
     # once per epoch without persistent workers and once per run with them, so the order
     # would depend on num_workers.
     order = torch.utils.data.RandomSampler(train, generator=torch.Generator().manual_seed(cfg.seed))
+    if resolve_data_path(cfg, device) == "device":
+        # Half of what is free: the network, its activations and the graph pool need the rest.
+        budget = _free_bytes(device) // 2
+        x_train, y_train, how = to_device(train, cfg.image_size, device, workers, budget)
+        x_test, y_test, _ = to_device(test, cfg.image_size, device, workers,
+                                      budget - x_train.numel())
+        return Data(
+            train=DeviceBatches(x_train, y_train, cfg.batch_size, cfg.image_size, order),
+            test=DeviceBatches(x_test, y_test, max(cfg.batch_size, EVAL_BATCH), cfg.image_size),
+            source=source, lineage=lineage, path="device", resize=RESIZE_NOTES[how])
+    common = dict(batch_size=cfg.batch_size, num_workers=workers,
+                  pin_memory=device.type == "cuda",  # lets the host->device copy run async
+                  persistent_workers=workers > 0)
     return Data(
         train=DataLoader(train, sampler=order, drop_last=False, **common),
         test=DataLoader(test, shuffle=False, **common),

@@ -31,6 +31,12 @@ CODE_VERSION_TAG = "code_version"              # pipeline.code_version(): digest
 ERROR_TAG = "error"                            # why a run FAILED or was KILLED
 DEVICE_TAG = "device.resolved"                 # the device `device=auto` chose
 RERUN_OF_TAG = "rerun_of"                      # `rerun`: the run whose config.json this replays
+GRAPH_TAG = "engine.graph"                     # "graph" (one CUDA graph per step) | "eager"
+GRAPH_REASON_TAG = "engine.graph_reason"       # why: captured, graph=off, capture failed: ...
+EAGER_STEPS_TAG = "engine.eager_steps"         # steps run eagerly beside a graph (partial batches)
+CHANNELS_LAST_TAG = "engine.channels_last"     # "true" | "false"
+DATA_PATH_TAG = "data.path"                    # "dataloader" | "device"
+DATA_RESIZE_TAG = "data.resize"                # how images were resized, vs. the notebook's PIL
 
 
 def grad_norm(layer: str) -> str:

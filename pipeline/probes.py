@@ -8,9 +8,12 @@ loss with respect to the module's output. Two things differ, both on purpose:
   of several (shared/reference/measurements.md). We reduce in float64: ``vector_norm(g,
   dtype=float64)`` casts inside the reduction, so entries down to ~1e-150 are exact enough.
 * No host sync. The notebook's hook calls ``.item()``, a CPU-GPU sync per layer per step.
-  Here each hook adds a squared norm into a row of a float64 buffer that lives on the
-  device; the host copies the buffer out every ``flush_every`` steps with one non-blocking
-  copy, and a background thread waits for it (``Chunk.values``), never the training loop.
+  Here each hook adds a squared norm into ``cur``, a float64 vector on the device; at the
+  step's named moment (``record``) the loss joins it and it is copied into the row of a
+  device buffer that a device-side counter points at. Every device op is capturable, so the
+  whole step, probes included, can be one CUDA graph (``engine``). The host copies the
+  buffer out every ``flush_every`` steps with one non-blocking copy into pinned memory, and
+  a background thread waits for it (``Chunk.values``), never the training loop.
 
 Squared norms are summed per row, so a module called several times in one forward (a shared
 ReLU, say) reports the norm over all its outputs together; the square root is taken on the
@@ -87,7 +90,8 @@ class Chunk:
 class GradientProbes:
     """Forward hooks that attach a gradient hook to each probed module's output.
 
-    Use: ``commit`` once per training step, after backward; it returns a ``Chunk`` when
+    Use: ``commit`` once per training step, after backward (or ``record`` inside the step and
+    ``advance`` outside it, when the step is a CUDA graph); it returns a ``Chunk`` when
     ``flush_every`` rows are full (or FLUSH_SECONDS have passed), and ``drain`` returns the
     partial rest.
     """
@@ -100,7 +104,12 @@ class GradientProbes:
         self.device = device
         # columns 0..L-1: squared output-gradient norm per layer; column L: the loss
         self.buf = torch.zeros(flush_every, len(names) + 1, dtype=torch.float64, device=device)
-        self.row = 0                # host-side index: writing buf[self.row] costs no sync
+        self.cur = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)
+        # The row this step lands in, kept on the device so a replayed CUDA graph advances it;
+        # ``row`` mirrors it on the host (the host counts its own steps: reading it back
+        # would be a sync).
+        self.row_t = torch.zeros(1, dtype=torch.int64, device=device)
+        self.row = 0
         self.step = 0               # global step of buf[0] + row
         self._first_step = 0
         self._timestamps: list[int] = []
@@ -119,11 +128,18 @@ class GradientProbes:
     def _record(self, col: int, grad: torch.Tensor) -> None:
         # float64 inside the reduction: see the module docstring. No .item(): stays on device.
         sq = torch.linalg.vector_norm(grad, dtype=torch.float64).square()
-        self.buf[self.row, col] += sq
+        self.cur[col] += sq
 
-    def commit(self, loss: torch.Tensor) -> Chunk | None:
-        """The step's one named moment: its norms are complete and the loss joins them."""
-        self.buf[self.row, -1].copy_(loss.detach())
+    def record(self, loss: torch.Tensor) -> None:
+        """The step's one named moment, on the device: after backward its norms are complete,
+        the loss joins them, and the row is written. Capturable: no host values involved."""
+        self.cur[-1].copy_(loss.detach())
+        self.buf.index_copy_(0, self.row_t, self.cur.unsqueeze(0))
+        self.row_t += 1
+        self.cur.zero_()
+
+    def advance(self) -> Chunk | None:
+        """The host's half of a step: count the row; hand out a chunk when it is time."""
         self._timestamps.append(int(time.time() * 1000))
         self.row += 1
         self.step += 1
@@ -132,6 +148,18 @@ class GradientProbes:
                 and time.monotonic() - self._last_drain >= self.flush_seconds):
             return self.drain()
         return None
+
+    def commit(self, loss: torch.Tensor) -> Chunk | None:
+        """``record`` then ``advance``: one eager step's probes."""
+        self.record(loss)
+        return self.advance()
+
+    def reset(self) -> None:
+        """Forget everything recorded (after a CUDA graph's warm-up steps, say)."""
+        self.buf.zero_()
+        self.cur.zero_()
+        self.row_t.zero_()
+        self.row, self.step, self._first_step, self._timestamps = 0, 0, 0, []
 
     def drain(self) -> Chunk | None:
         """Start copying the filled rows to the host and reset the buffer; never syncs."""
@@ -145,8 +173,9 @@ class GradientProbes:
         if cuda:
             event = torch.cuda.Event()
             event.record()
-        # Stream order makes this safe: the zeroing runs after the copy has read the rows.
-        self.buf.zero_()
+        # Stream order makes this safe: the next steps overwrite rows only after the copy
+        # has read them.
+        self.row_t.zero_()
         chunk = Chunk(self._first_step, host, event, self._timestamps)
         self._first_step, self._timestamps, self.row = self.step, [], 0
         self._last_drain = time.monotonic()

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import code_version, names, plots
+from . import code_version, engine, names, plots
 from . import data as data_mod
 from .config import Config, ConfigError
 from .models import build_model
@@ -30,6 +30,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_graph(cfg: Config, device: torch.device) -> bool:
+    if cfg.graph == "on" and device.type != "cuda":
+        raise ConfigError("graph", f"on needs a CUDA device, and this run uses {device.type}; "
+                                   "allowed here: auto, off")
+    return cfg.graph == "on" or (cfg.graph == "auto" and device.type == "cuda")
+
+
 @contextlib.contextmanager
 def precision_mode(precision: str, device: torch.device):
     """Yield an autocast factory for the forward pass; restore global flags afterwards.
@@ -37,23 +44,20 @@ def precision_mode(precision: str, device: torch.device):
     ``default`` leaves PyTorch alone, which on Ampere and newer runs fp32 convolutions as
     TF32, as the notebook ran. ``fp32`` turns TF32 off (strict IEEE; ~2.5x slower on H200,
     measurements.md). ``bf16`` autocasts; norms are still reduced in float64.
+    cudnn.benchmark picks the fastest convolution algorithm per shape once; every step
+    has the same shapes, so it pays off after the first (BENCHMARKS.md measures it).
     """
-    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.benchmark)
     if precision == "fp32":
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     try:
-        if precision == "bf16":
-            yield lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-        else:
-            yield contextlib.nullcontext
+        yield engine.autocast_for(precision, device)
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr)  # the notebook's
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.benchmark) = saved
 
 
 def describe(cfg: Config, source: str) -> str:
@@ -99,6 +103,7 @@ def run(cfg: Config, tags: dict[str, str] | None = None) -> str:
     """Train one variant and log it; returns the MLflow run ID. ``tags`` are added to the run."""
     # --- 1. check everything cheap before any download or device work -----------------
     device = resolve_device(cfg.device)
+    use_graph = resolve_graph(cfg, device)
     torch.manual_seed(cfg.seed)  # the init draws, in the notebook's module order
     model = build_model(cfg.model, skip=cfg.skip)
     check_layers(model, cfg.layers, cfg.image_size)
@@ -110,6 +115,7 @@ def run(cfg: Config, tags: dict[str, str] | None = None) -> str:
     tracker = Tracker.start(cfg.run_name, cfg.to_params(), {
         names.VARIANT_TAG: cfg.variant, names.MODEL_TAG: cfg.model,
         names.DEVICE_TAG: str(device), names.STEPS_PER_EPOCH_TAG: str(data.steps_per_epoch),
+        names.DATA_PATH_TAG: data.path, names.DATA_RESIZE_TAG: data.resize,
         names.CODE_VERSION_TAG: code_version(), **(tags or {}),
     }, system_metrics=cfg.wants_system_metrics(device.type))
     tracker.set_note(describe(cfg, data.source))
@@ -119,7 +125,7 @@ def run(cfg: Config, tags: dict[str, str] | None = None) -> str:
                          names.CONFIG_JSON)
         tracker.set_tags(environment(device))
         tracker.log_datasets(data.lineage)
-        gradients, summary = _train(cfg, model, data, device, autocast, tracker)
+        gradients, summary = _train(cfg, model, data, device, autocast, tracker, use_graph)
         _log_artifacts(cfg, tracker, gradients, summary, data)
         if cfg.wants_model:
             _log_model(cfg, tracker, model, device)
@@ -154,10 +160,13 @@ def _log_model(cfg: Config, tracker: Tracker, model: nn.Module, device: torch.de
     tracker.log_model(model, example.numpy(), output.numpy(), cfg.registered_name)
 
 
-def _train(cfg, model, data, device, autocast, tracker):
+def _train(cfg, model, data, device, autocast, tracker, use_graph):
+    channels_last = cfg.wants_channels_last(device.type)
     model.to(device).train()
-    optimizer = make_optimizer(cfg, model)
-    criterion = nn.CrossEntropyLoss()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = engine.make_optimizer(cfg.optimizer, model.parameters(), cfg.lr,
+                                      capturable=use_graph)
     steps_per_epoch = data.steps_per_epoch
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
@@ -165,42 +174,36 @@ def _train(cfg, model, data, device, autocast, tracker):
     # The buffer never needs more rows than the run has steps.
     probes = GradientProbes(model, cfg.layers, min(cfg.flush_every, total), device,
                             flush_seconds=FLUSH_SECONDS)
+    step_fn = engine.Step(model, optimizer, probes, autocast, device, graph=use_graph,
+                          channels_last=channels_last)
     keys = [names.grad_norm(layer) for layer in cfg.layers] + [names.TRAIN_LOSS]
     progress = Progress(cfg.epochs, steps_per_epoch, cfg.batch_size, total,
                         estimate=device.type == "cpu")
     tracker.stream(keys, on_values=progress.on_values)
 
     step, summary = 0, {}
+
+    def on_step(i):  # i counts from 0 within the epoch; ``step`` is read at call time
+        if step + i == 0:
+            _log_engine(tracker, step_fn, channels_last, progress)
+        progress.step(step + i)
+
     try:
         for epoch in range(cfg.epochs):
             progress.start_epoch(epoch)
             t0 = time.perf_counter()
-            correct = torch.zeros((), dtype=torch.int64, device=device)
-            seen = 0
-            for x, y in data.train:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
-                with autocast():
-                    out = model(x)
-                    loss = criterion(out, y)
-                loss.backward()  # the probes' hooks add this step's squared norms on device
-                optimizer.step()
-                correct += (out.argmax(1) == y).sum()  # on device: no sync
-                seen += y.numel()
-                # Measure, record, log: the step's norms and loss join in the device buffer;
-                # every flush_every steps a chunk leaves for the writer thread.
-                tracker.submit(probes.commit(loss))
-                progress.step(step)
-                step += 1
-                if cfg.max_steps and step >= cfg.max_steps:
-                    break
+            step_fn.correct.zero_()
+            limit = cfg.max_steps - step if cfg.max_steps else None
+            done, seen = engine.run_steps(step_fn, data.train, device, probes, tracker.submit,
+                                          on_step, limit)
+            step += done
             tracker.submit(probes.drain())
             if device.type == "cuda":
                 torch.cuda.synchronize()  # once per epoch, so the timing below is honest
             train_seconds = time.perf_counter() - t0
             test_loss, test_acc = evaluate(model, data.test, device, autocast)
             summary = {
-                names.TRAIN_ACCURACY: correct.item() / max(seen, 1),
+                names.TRAIN_ACCURACY: step_fn.correct.item() / max(seen, 1),
                 names.TEST_ACCURACY: test_acc,
                 names.TEST_LOSS: test_loss,
                 names.EPOCH_SECONDS: time.perf_counter() - t0,
@@ -217,11 +220,22 @@ def _train(cfg, model, data, device, autocast, tracker):
         progress.close()
         probes.remove()
 
+    tracker.set_tags({names.EAGER_STEPS_TAG: str(step_fn.eager_batches)})
     series = tracker.flush()
     gradients = {layer: [v for _, v in sorted(series.get(names.grad_norm(layer), []))]
                  for layer in cfg.layers}
     summary["steps"] = step
     return gradients, summary
+
+
+def _log_engine(tracker: Tracker, step_fn: engine.Step, channels_last: bool,
+                progress: Progress) -> None:
+    """What the first step turned out to be (captured, or eager and why); said once."""
+    status = step_fn.status
+    tracker.set_tags({names.GRAPH_TAG: status.mode, names.GRAPH_REASON_TAG: status.reason,
+                      names.CHANNELS_LAST_TAG: str(channels_last).lower()})
+    if status.mode == "eager" and step_fn.want_graph:
+        progress.write(f"note: CUDA graph not used ({status.reason}); training eagerly")
 
 
 def _log_artifacts(cfg, tracker, gradients, summary, data) -> None:

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one short run on a bare GPU machine:
+#   1. the GPU-only tests (graph == eager, no host sync, train.run on CUDA);
+#   2. the training-step benchmark (bench/train_step.py), the table BENCHMARKS.md quotes;
+#   3. the founding experiment on real images: `all` (both variants + compare) on the
+#      CIFAR-10 JPEG copy at 224 px, timed wall-clock including data preparation.
+#
+# Usage: bench/gpu_check.sh [STEPS...]   STEPS: tests bench experiment (default: all three)
+# Env:   OUT (results folder, default ./gpu-results), EPOCHS (experiment, default 10),
+#        PRECISION (experiment, default "default"), CIFAR_TGZ (the JPEG archive; default
+#        .data/cifar10-jpg.tar.gz, a copy of ../shared/data/cifar10-jpg.tar.gz), EXTRA
+#        (more `all` options, e.g. "--image-size 32 --max-steps 5" for a CPU dry run).
+# The machine may have torch and torchvision but no MLflow: wheels in .whl/ (see
+# BENCHMARKS.md, "Reproducing the GPU figures") are installed into /tmp/site first.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-results}
+EPOCHS=${EPOCHS:-10}
+PRECISION=${PRECISION:-default}
+CIFAR_TGZ=${CIFAR_TGZ:-.data/cifar10-jpg.tar.gz}
+STEPS=${*:-tests bench experiment}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+if ! python3 -c "import mlflow" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || { echo "gpu_check: no MLflow and no wheels"; exit 1; }
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+{ nvidia-smi; python3 -c "import torch, mlflow; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'mlflow', mlflow.__version__)"; python3 -m pip show typing-extensions anyio protobuf packaging pyarrow 2>/dev/null | grep -E "^(Name|Version)"; } > "$OUT/machine.txt" 2>&1
+tail -12 "$OUT/machine.txt"
+status=0
+
+if [[ " $STEPS " == *" tests "* ]]; then
+    echo "== GPU tests"
+    mkdir -p "$OUT/diffs"
+    GPU_REPORT_DIR="$OUT/diffs" python3 -m pytest -q -p no:cacheprovider -rs tests/test_engine.py \
+        > "$OUT/tests.log" 2>&1 || status=1
+    tail -3 "$OUT/tests.log"
+fi
+
+if [[ " $STEPS " == *" bench "* ]]; then
+    echo "== benchmark"
+    python3 bench/train_step.py --out "$OUT/bench.json" > "$OUT/bench.md" 2> "$OUT/bench.log" || status=1
+    cat "$OUT/bench.md"
+fi
+
+if [[ " $STEPS " == *" experiment "* ]]; then
+    echo "== experiment: $EPOCHS epochs per variant, precision $PRECISION"
+    data=/tmp/cifar10-jpg
+    start=$(date +%s.%N)
+    mkdir -p "$data" && tar xzf "$CIFAR_TGZ" -C "$data"
+    (cd /tmp && MLFLOW_TRACKING_URI=sqlite:////tmp/exp.db python3 -m pipeline all \
+        --dataset imagefolder --data-dir "$data" --epochs "$EPOCHS" --precision "$PRECISION" \
+        ${EXTRA:-}) \
+        > "$OUT/experiment.log" 2>&1 || status=1
+    end=$(date +%s.%N)
+    python3 - "$start" "$end" "$OUT/experiment.json" <<'EOF' || status=1
+import json, sys
+import mlflow
+import mlflow.artifacts
+start, end, out = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+client = mlflow.MlflowClient("sqlite:////tmp/exp.db")
+runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+result = {"wall_seconds_including_data_preparation": end - start, "runs": []}
+for r in runs:
+    m = {k: v for k, v in r.data.metrics.items() if not k.startswith("system/")}
+    epochs = {k: [x.value for x in sorted(client.get_metric_history(r.info.run_id, k),
+                                          key=lambda x: x.step)]
+              for k in ("epoch_seconds", "test/accuracy", "train/images_per_second")
+              if k in r.data.metrics}
+    result["runs"].append({
+        "name": r.info.run_name, "status": r.info.status,
+        "seconds": (r.info.end_time - r.info.start_time) / 1000 if r.info.end_time else None,
+        "tags": {k: v for k, v in r.data.tags.items() if not k.startswith("mlflow.")},
+        "metrics": m, "per_epoch": epochs})
+    if r.data.tags.get("compare.runs"):
+        path = mlflow.artifacts.download_artifacts(
+            run_id=r.info.run_id, artifact_path="comparison/summary.md", dst_path="/tmp",
+            tracking_uri="sqlite:////tmp/exp.db")
+        result["comparison_summary_md"] = open(path).read()
+json.dump(result, open(out, "w"), indent=2)
+print(f"experiment: {end - start:.0f} s wall, including data preparation")
+EOF
+    tail -5 "$OUT/experiment.log"
+fi
+exit $status

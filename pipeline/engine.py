@@ -1,0 +1,186 @@
+"""The training step: forward, loss, backward, probes, optimizer; eager or one CUDA graph.
+
+Both kinds run the same Python body (``_body``), so they compute the same maths: the graph
+is that body captured once and replayed every batch. At batch 16 the step is bound by the
+host (Python, ~300 kernel launches), not the GPU: on an H200 the notebook's loop takes 30 ms
+per step and the captured one 6.6 ms (shared/reference/measurements.md).
+
+Nothing in a step reads a device value on the host: the loss, the probes' norms and the
+accuracy counters stay on the device until the probes' chunked readback.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# Capture needs the lazily created state (Adam's moments, cuDNN's plans, the caching
+# allocator's blocks) to exist first; three eager steps on a side stream is PyTorch's
+# documented recipe (docs: "CUDA Graphs", whole-network capture).
+WARMUP_STEPS = 3
+
+
+def make_optimizer(name: str, params, lr: float, capturable: bool) -> torch.optim.Optimizer:
+    """Adam (the notebook's) or SGD with momentum 0.9.
+
+    ``capturable=True`` keeps Adam's step count on the device, which a CUDA graph needs; it
+    computes the bias correction there instead of in Python floats (same formula).
+    """
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    return torch.optim.Adam(params, lr=lr, capturable=capturable)
+
+
+def autocast_for(precision: str, device: torch.device):
+    """A factory of autocast contexts for the forward pass.
+
+    bf16 inside a CUDA graph needs ``cache_enabled=False``: the autocast weight cache would
+    hand the replay casts made at capture time, i.e. stale weights (PyTorch docs, "CUDA
+    Graphs": usage with torch.cuda.amp).
+    """
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+    return contextlib.nullcontext
+
+
+@dataclass
+class GraphStatus:
+    """What the step turned out to be, for the run's tags."""
+
+    mode: str          # "graph" or "eager"
+    reason: str        # why (asked for, not CUDA, capture failed: <error>)
+
+
+class Step:
+    """``step(x, y)`` trains on one batch; the loss, accuracy and norms stay on the device.
+
+    ``probes`` may be None (the benchmark's "probes off"). With ``graph=True`` the first
+    full batch is used to warm up and capture; the warm-up's effects on the weights, the
+    optimizer and the probes are undone, so step 0 is the true step 0. A batch of another
+    shape (an epoch's last, partial batch) runs the same body eagerly.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, probes,
+                 autocast, device: torch.device, graph: bool, channels_last: bool = False):
+        self.model, self.optimizer, self.probes = model, optimizer, probes
+        self.autocast, self.device = autocast, device
+        self.channels_last = channels_last
+        self.criterion = nn.CrossEntropyLoss()
+        self.want_graph = graph
+        self.status = GraphStatus("eager", "not yet captured" if graph else
+                                  "not asked for (graph=off, or graph=auto off CUDA)")
+        self.eager_batches = 0     # steps that ran eagerly while a graph exists (partial batches)
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._static: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Training accuracy, summed on the device; read once per epoch.
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.loss = torch.zeros((), dtype=torch.float32, device=device)  # the last step's
+
+    # --- the maths: one body for eager and graph ------------------------------------------
+    def _body(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        with self.autocast():
+            out = self.model(x)
+            loss = self.criterion(out, y)
+        loss.backward()  # the probes' hooks add this step's squared norms on the device
+        # Measure, record, log: the norms are complete; the loss joins them in the device
+        # buffer (logging happens later, from the host, in chunks).
+        if self.probes is not None:
+            self.probes.record(loss)
+        self.optimizer.step()
+        self.correct += (out.argmax(1) == y).sum()
+        self.loss.copy_(loss.detach())
+
+    def _eager(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        # set_to_none=False once a graph exists: the graph reads and writes the .grad tensors
+        # it captured, so they must stay the same tensors.
+        self.optimizer.zero_grad(set_to_none=self._graph is None)
+        self._body(x, y)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.want_graph and self._graph is None and self.status.reason == "not yet captured":
+            self._capture(x, y)
+        if self._graph is not None and x.shape == self._static[0].shape:
+            self._static[0].copy_(x)
+            self._static[1].copy_(y)
+            self._graph.replay()
+            return
+        if self._graph is not None:
+            self.eager_batches += 1
+        self._eager(x, y)
+
+    # --- capture --------------------------------------------------------------------------
+    def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.device.type != "cuda":
+            self.status = GraphStatus("eager", f"CUDA graphs need a CUDA device, not {self.device.type}")
+            return
+        weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        static = (x.clone(), y.clone())
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_STEPS):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self._body(*static)
+            torch.cuda.current_stream().wait_stream(side)
+            # Gradients allocated inside the capture live in the graph's private pool; the
+            # replay overwrites them (they are not accumulated into).
+            self.optimizer.zero_grad(set_to_none=True)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the metric writer thread may wait on a readback event meanwhile.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self._body(*static)
+        except RuntimeError as e:  # an op that cannot be captured, say
+            self._graph = None
+            self.status = GraphStatus("eager", f"capture failed: {str(e).splitlines()[0][:200]}")
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self._graph, self._static = graph, static
+            self.status = GraphStatus("graph", "captured")
+        self._undo_warmup(weights)
+
+    @torch.no_grad()
+    def _undo_warmup(self, weights: dict[str, torch.Tensor]) -> None:
+        """Put back the weights and fresh optimizer state, in place (the graph holds their
+        addresses): fresh Adam/SGD state is all zeros, which the captured update then
+        treats exactly as a first step does (Adam's step count 0 -> 1; SGD's momentum
+        0 * 0.9 + g = g)."""
+        for k, v in self.model.state_dict().items():
+            v.copy_(weights[k])
+        for state in self.optimizer.state.values():
+            for t in state.values():
+                if torch.is_tensor(t):
+                    t.zero_()
+        if self.probes is not None:
+            self.probes.reset()
+        self.correct.zero_()
+        self.loss.zero_()
+
+
+def run_steps(step: Step, batches, device: torch.device, probes=None, submit=None,
+              on_step=None, limit: int | None = None) -> tuple[int, int]:
+    """Train on ``batches`` (an iterable of (x, y)); returns (steps, images).
+
+    Per step the host only launches work: the batch's copy (a no-op when it is already on
+    the device), the step, and the probes' row count; ``submit`` receives each chunk the
+    probes hand out. ``on_step(i)`` runs after each step; ``limit`` stops early.
+    """
+    steps = images = 0
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        step(x, y)
+        if probes is not None:
+            chunk = probes.advance()
+            if submit is not None:
+                submit(chunk)
+        images += y.shape[0]  # a shape, not a value: no sync
+        if on_step is not None:
+            on_step(steps)
+        steps += 1
+        if limit is not None and steps >= limit:
+            break
+    return steps, images

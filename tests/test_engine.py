@@ -1,0 +1,314 @@
+"""The fast training path: data on the device, one step body run eagerly or as a CUDA graph.
+
+The claim under test is "faster, same numbers":
+
+* The device data path hands the step the same pixels in the same order as the notebook's
+  DataLoader + PIL path (bit for bit when it resizes on the host; within 1/255 per pixel
+  when it resizes on the device). Checked on the CPU, where both paths run.
+* A captured CUDA graph replays the eager body's kernels on the same inputs in the same
+  order, so with deterministic cuDNN algorithms its losses, norms and weights equal the
+  eager step's exactly (tolerance 0). GPU only.
+* A steady-state step never synchronises the host with the device. GPU only.
+
+GPU tests skip on a machine without CUDA, with that reason. ``GPU_REPORT_DIR``, when set,
+receives the measured differences as JSON (bench/gpu_check.sh sets it).
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline import data as data_mod
+from pipeline import engine, names
+from pipeline.config import DEFAULT_LAYERS, Config
+from pipeline.models import build_model
+from pipeline.probes import GradientProbes
+from pipeline.train import precision_mode
+
+from conftest import describe_process, make_image_folder, run_pipeline
+
+CPU = torch.device("cpu")
+CUDA_AVAILABLE = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA_AVAILABLE, reason="needs a CUDA GPU (run bench/gpu_check.sh on one)")
+
+
+def cfg_for(**values) -> Config:
+    base = {"num_workers": "0", "image_size": "32", "batch_size": "4", "dataset": "synthetic",
+            "synthetic_size": "22", "synthetic_test_size": "10", "device": "cpu"}
+    base.update({k: str(v) for k, v in values.items()})
+    return Config.from_strings(base)
+
+
+def epochs_of(batches, epochs: int):
+    return [[(x.clone(), y.clone()) for x, y in batches] for _ in range(epochs)]
+
+
+def report(name: str, values: dict) -> None:
+    folder = os.environ.get("GPU_REPORT_DIR")
+    if folder:
+        Path(folder, f"{name}.json").write_text(json.dumps(values, indent=2))
+
+
+# --- the device data path ---------------------------------------------------------------------
+@pytest.mark.parametrize("image_size", [32, 36])
+def test_device_data_path_yields_the_dataloaders_batches_bit_for_bit_in_the_same_order(image_size):
+    cfg = dict(image_size=image_size, batch_size=4, synthetic_size=22)  # 22 = 5 full + a partial
+    loader = data_mod.build(cfg_for(data_path="dataloader", **cfg), CPU)
+    device = data_mod.build(cfg_for(data_path="device", **cfg), CPU)
+    assert device.path == "device" and loader.path == "dataloader"
+    assert "bit-exact" in device.resize
+    assert len(device.train) == len(loader.train) == 6
+    # Two epochs: the order changes between them, identically on both paths.
+    ref, got = epochs_of(loader.train, 2), epochs_of(device.train, 2)
+    assert [y.tolist() for _, y in ref[0]] != [y.tolist() for _, y in ref[1]]
+    for e in range(2):
+        for (xr, yr), (xg, yg) in zip(ref[e], got[e], strict=True):
+            assert torch.equal(yr, yg)
+            assert xg.dtype == torch.float32 and torch.equal(xr, xg)
+    # The test split: same images and labels (the device path batches it more coarsely).
+    xr, yr = map(torch.cat, zip(*loader.test))
+    xg, yg = map(torch.cat, zip(*device.test))
+    assert torch.equal(yr, yg) and torch.equal(xr, xg)
+
+
+def test_device_data_path_reads_an_image_folder_like_the_dataloader(tmp_path):
+    make_image_folder(tmp_path, per_class={"train": 2, "test": 1}, size=(20, 24))
+    cfg = dict(dataset="imagefolder", data_dir=tmp_path, image_size=33, batch_size=8)
+    loader = data_mod.build(cfg_for(data_path="dataloader", **cfg), CPU)
+    device = data_mod.build(cfg_for(data_path="device", **cfg), CPU)
+    for (xr, yr), (xg, yg) in zip(loader.train, device.train, strict=True):
+        assert torch.equal(xr, xg) and torch.equal(yr, yg)
+
+
+def test_device_data_path_resizes_per_batch_within_one_level_of_pil_when_memory_is_short(monkeypatch):
+    # With no room for the resized set, the native 32 px images stay on the device and each
+    # batch is resized there: PIL rounds in fixed point, we in float, so a pixel may differ
+    # by one level (1/255), never more.
+    monkeypatch.setattr(data_mod, "_free_bytes", lambda device: 0)
+    cfg = dict(image_size=224, batch_size=4, synthetic_size=12)
+    loader = data_mod.build(cfg_for(data_path="dataloader", **cfg), CPU)
+    device = data_mod.build(cfg_for(data_path="device", **cfg), CPU)
+    assert "within 1/255" in device.resize
+    assert device.train.images.shape[-1] == 32  # native size kept
+    diffs = [(xr - xg).abs() for (xr, _), (xg, _) in zip(loader.train, device.train, strict=True)]
+    worst = max(d.max().item() for d in diffs)
+    assert 0 < worst <= 1 / 255 + 1e-7
+    assert sum(d.mean().item() for d in diffs) / len(diffs) < 0.3 / 255
+
+
+def test_auto_data_path_is_the_dataloader_on_the_cpu():
+    assert data_mod.build(cfg_for(), CPU).path == "dataloader"
+
+
+def test_fast_data_path_trains_to_bitwise_equal_losses_and_norms_over_50_steps(tracking_store):
+    """train.run end to end, on the CPU: the only difference is the data path."""
+    from mlflow import MlflowClient
+
+    from pipeline import train
+
+    common = dict(dataset="synthetic", synthetic_size=16 * 3 + 5, synthetic_test_size=16,
+                  image_size=36, batch_size=16, max_steps=50, epochs=20, flush_every=7,
+                  num_workers=0, log_model="false", log_system_metrics="false", device="cpu")
+    ids = {p: train.run(Config.from_strings({**{k: str(v) for k, v in common.items()},
+                                              "data_path": p}))
+           for p in ("dataloader", "device")}
+    client = MlflowClient()
+    for key in [names.TRAIN_LOSS] + [names.grad_norm(layer) for layer in DEFAULT_LAYERS]:
+        series = {p: [(m.step, m.value) for m in sorted(client.get_metric_history(i, key),
+                                                         key=lambda m: m.step)]
+                  for p, i in ids.items()}
+        assert len(series["device"]) == 50
+        assert series["device"] == series["dataloader"], key
+    assert client.get_run(ids["device"]).data.tags[names.DATA_PATH_TAG] == "device"
+
+
+# --- the step -------------------------------------------------------------------------------
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def test_eager_step_trains_exactly_like_a_hand_written_loop():
+    batches = [(torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(i)),
+                torch.arange(5) % 10) for i in range(4)]
+    torch.manual_seed(0)
+    ours, theirs = Small(), Small()
+    theirs.load_state_dict(ours.state_dict())
+
+    probes = GradientProbes(ours, ("conv", "fc"), flush_every=10, device=CPU)
+    step = engine.Step(ours, engine.make_optimizer("adam", ours.parameters(), 1e-3, False),
+                       probes, contextlib.nullcontext, CPU, graph=False)
+    assert engine.run_steps(step, batches, CPU, probes) == (4, 20)
+
+    opt = torch.optim.Adam(theirs.parameters(), lr=1e-3)
+    losses, correct = [], 0
+    for x, y in batches:
+        opt.zero_grad()
+        out = theirs(x)
+        loss = nn.functional.cross_entropy(out, y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        correct += (out.argmax(1) == y).sum().item()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(a, b)
+    assert probes.drain().values()[:, -1].tolist() == pytest.approx(losses, rel=0, abs=0)
+    assert step.correct.item() == correct
+    probes.remove()
+
+
+def test_a_graph_asked_for_on_the_cpu_runs_eagerly_and_says_why():
+    model = Small()
+    step = engine.Step(model, engine.make_optimizer("adam", model.parameters(), 1e-3, False),
+                       None, contextlib.nullcontext, CPU, graph=True)
+    step(torch.rand(2, 3, 8, 8), torch.tensor([1, 2]))
+    assert step.status.mode == "eager"
+    assert "CUDA" in step.status.reason
+
+
+def test_graph_on_without_cuda_is_refused_in_one_line_before_any_data_work(tmp_path):
+    proc = run_pipeline(["train", "--graph", "on", "--device", "cpu", "--dataset", "cifar10",
+                         "--data-dir", str(tmp_path / "nowhere")], cwd=tmp_path)
+    assert proc.returncode == 2, describe_process(proc)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: graph:") and "auto, off" in lines[0]
+    assert not (tmp_path / "nowhere").exists()  # nothing downloaded
+
+
+# --- GPU: the graph equals the eager step, and never syncs -----------------------------------
+@contextlib.contextmanager
+def deterministic_cudnn():
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
+def engine_run(*, graph: bool, capturable: bool, steps: int = 50, precision: str = "default",
+               channels_last: bool = True, deterministic: bool = True, data_path: str = "device",
+               image_size: int = 64, images: int = 16 * 7 + 5):
+    """``steps`` training steps as train.run drives them; returns (rows, weights, step)."""
+    device = torch.device("cuda")
+    data = data_mod.build(cfg_for(image_size=image_size, batch_size=16, synthetic_size=images,
+                                  data_path=data_path, device="cuda"), device)
+    torch.manual_seed(0)
+    model = build_model("resnet50", skip=False).to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    chunks = []
+    with precision_mode(precision, device) as autocast, \
+            (deterministic_cudnn() if deterministic else contextlib.nullcontext()):
+        optimizer = engine.make_optimizer("adam", model.parameters(), 1e-3, capturable)
+        probes = GradientProbes(model, DEFAULT_LAYERS, steps, device)
+        step = engine.Step(model, optimizer, probes, autocast, device, graph=graph,
+                           channels_last=channels_last)
+        done = 0
+        while done < steps:
+            n, _ = engine.run_steps(step, data.train, device, probes, chunks.append,
+                                    limit=steps - done)
+            done += n
+        chunks.append(probes.drain())
+        probes.remove()
+    rows = np.concatenate([c.values() for c in chunks if c is not None])
+    weights = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    return rows, weights, step
+
+
+def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-300)))
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["default", "bf16"])
+def test_cuda_graph_step_equals_the_eager_step_exactly_over_50_steps(precision):
+    graph_rows, graph_w, graph_step = engine_run(graph=True, capturable=True, precision=precision)
+    eager_rows, eager_w, _ = engine_run(graph=False, capturable=True, precision=precision)
+    assert graph_step.status.mode == "graph", graph_step.status.reason
+    assert graph_step.eager_batches > 0  # the partial batch of each epoch ran eagerly
+    assert graph_rows.shape == (50, len(DEFAULT_LAYERS) + 1)
+    report(f"graph_vs_eager_{precision}", {
+        "max_relative_difference_norms_and_losses": relative_difference(graph_rows, eager_rows),
+        "eager_batches_beside_graph": graph_step.eager_batches})
+    assert np.array_equal(graph_rows, eager_rows)
+    for k in eager_w:
+        assert torch.equal(graph_w[k], eager_w[k]), k
+
+
+@needs_cuda
+def test_fast_default_path_stays_close_to_the_notebooks_eager_loop_over_50_steps():
+    """Everything the fast path changes at once, with PyTorch's default (TF32) numerics and
+    cuDNN autotuning: device data, graph, capturable Adam, channels_last.
+
+    Exact equality is impossible here: channels_last and autotuning choose other cuDNN
+    algorithms, and TF32 rounds each product to a 10-bit mantissa (~5e-4 relative), so sums
+    differ in their last TF32 bits. The tolerance says the differences stay at that level
+    over 50 steps: 1% relative on every norm and loss.
+    """
+    fast, _, _ = engine_run(graph=True, capturable=True, deterministic=False)
+    ref, _, _ = engine_run(graph=False, capturable=False, channels_last=False,
+                           deterministic=False, data_path="dataloader")
+    diff = {"norms": relative_difference(fast[:, :-1], ref[:, :-1]),
+            "losses": relative_difference(fast[:, -1], ref[:, -1]),
+            "step0_norms": relative_difference(fast[0, :-1], ref[0, :-1])}
+    report("fast_vs_notebook_eager", diff)
+    assert diff["losses"] < 1e-2 and diff["norms"] < 1e-2, diff
+
+
+@needs_cuda
+def test_a_steady_state_step_never_synchronises_the_host():
+    device = torch.device("cuda")
+    data = data_mod.build(cfg_for(image_size=64, batch_size=16, synthetic_size=16 * 40,
+                                  data_path="device", device="cuda"), device)
+    torch.manual_seed(0)
+    model = build_model("resnet50", skip=False).to(device).to(memory_format=torch.channels_last)
+    chunks = []
+    with precision_mode("default", device) as autocast:
+        probes = GradientProbes(model, DEFAULT_LAYERS, 8, device)
+        step = engine.Step(model, engine.make_optimizer("adam", model.parameters(), 1e-3, True),
+                           probes, autocast, device, graph=True, channels_last=True)
+        batches = iter(data.train)
+        engine.run_steps(step, itertools.islice(batches, 5), device, probes, chunks.append)
+        assert step.status.mode == "graph", step.status.reason
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any synchronising call now raises
+        try:
+            # 20 steps: two full readbacks of 8 rows (pinned, non-blocking copies) included.
+            engine.run_steps(step, itertools.islice(batches, 20), device, probes, chunks.append)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        probes.remove()
+    assert sum(c is not None for c in chunks) >= 3
+    values = np.concatenate([c.values() for c in chunks if c is not None])
+    assert values.shape[0] == 24 and np.isfinite(values).all()
+
+
+@needs_cuda
+def test_train_run_on_cuda_captures_the_step_and_tags_how(tracking_store):
+    from mlflow import MlflowClient
+
+    from pipeline import train
+
+    run_id = train.run(cfg_for(image_size=64, batch_size=16, synthetic_size=16 * 4 + 3,
+                               max_steps=12, epochs=3, log_model="false", device="cuda"))
+    run = MlflowClient().get_run(run_id)
+    tags = run.data.tags
+    assert tags[names.GRAPH_TAG] == "graph", tags[names.GRAPH_REASON_TAG]
+    assert tags[names.DATA_PATH_TAG] == "device" and tags[names.CHANNELS_LAST_TAG] == "true"
+    assert tags[names.EAGER_STEPS_TAG] == "2"  # the partial last batch of epochs 1 and 2
+    history = MlflowClient().get_metric_history(run_id, names.grad_norm("conv1"))
+    assert sorted(m.step for m in history) == list(range(12))
