@@ -124,6 +124,10 @@ class Step:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(WARMUP_STEPS):
+                    if self.probes is not None:
+                        # Every warm-up step writes row 0: the buffer may have fewer rows
+                        # than there are warm-up steps (a run of 2 steps has 2 rows).
+                        self.probes.row_t.zero_()
                     self.optimizer.zero_grad(set_to_none=True)
                     self._body(*static)
             torch.cuda.current_stream().wait_stream(side)

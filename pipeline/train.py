@@ -44,20 +44,17 @@ def precision_mode(precision: str, device: torch.device):
     ``default`` leaves PyTorch alone, which on Ampere and newer runs fp32 convolutions as
     TF32, as the notebook ran. ``fp32`` turns TF32 off (strict IEEE; ~2.5x slower on H200,
     measurements.md). ``bf16`` autocasts; norms are still reduced in float64.
-    cudnn.benchmark picks the fastest convolution algorithm per shape once; every step
-    has the same shapes, so it pays off after the first (BENCHMARKS.md measures it).
+    cudnn.benchmark stays off: on an H200 it bought nothing here (5.73 against 5.74 ms per
+    step, BENCHMARKS.md) and would make the algorithm choice, hence the last bits of every
+    norm, vary from run to run.
     """
-    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
-             torch.backends.cudnn.benchmark)
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     if precision == "fp32":
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     try:
         yield engine.autocast_for(precision, device)
     finally:
-        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
-         torch.backends.cudnn.benchmark) = saved
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def describe(cfg: Config, source: str) -> str:
@@ -151,12 +148,15 @@ def environment(device: torch.device) -> dict[str, str]:
 
 
 def _log_model(cfg: Config, tracker: Tracker, model: nn.Module, device: torch.device) -> None:
-    model.eval()
+    # Exported on the CPU in the default layout: torch.export traces with the input
+    # example, which MLflow turns into CPU tensors, and a loaded model should run anywhere.
+    # The run is over, so moving the trained model costs nothing else.
+    model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     # A fixed, seeded example of batch 2 (see tracking.log_model for why not 1).
     example = torch.rand(2, 3, cfg.image_size, cfg.image_size,
                          generator=torch.Generator().manual_seed(cfg.seed))
     with torch.no_grad():
-        output = model(example.to(device)).float().cpu()
+        output = model(example)
     tracker.log_model(model, example.numpy(), output.numpy(), cfg.registered_name)
 
 

@@ -252,12 +252,17 @@ def test_cuda_graph_step_equals_the_eager_step_exactly_over_50_steps(precision):
 @needs_cuda
 def test_fast_default_path_stays_close_to_the_notebooks_eager_loop_over_50_steps():
     """Everything the fast path changes at once, with PyTorch's default (TF32) numerics and
-    cuDNN autotuning: device data, graph, capturable Adam, channels_last.
+    cuDNN's default (non-deterministic) algorithms: device data, graph, capturable Adam,
+    channels_last.
 
-    Exact equality is impossible here: channels_last and autotuning choose other cuDNN
-    algorithms, and TF32 rounds each product to a 10-bit mantissa (~5e-4 relative), so sums
-    differ in their last TF32 bits. The tolerance says the differences stay at that level
-    over 50 steps: 1% relative on every norm and loss.
+    Exact equality is impossible here (the graph itself adds nothing: the test above shows
+    it is exact). channels_last picks other cuDNN algorithms, and TF32 rounds each product
+    to a 10-bit mantissa (~5e-4 relative), so step 0's norms differ at that level: 7.3e-4
+    measured on an H200 (with cudnn.benchmark on, at the time). Adam then turns those
+    differences into slightly different weights, and later norms of the tiny early-layer
+    gradients differ by up to 1.6% after 50 steps; the losses sit at ln(10) and differ by
+    2e-7. Tolerances, with headroom: step 0 norms 5e-3, losses 1e-4, all norms 5e-2
+    (relative).
     """
     fast, _, _ = engine_run(graph=True, capturable=True, deterministic=False)
     ref, _, _ = engine_run(graph=False, capturable=False, channels_last=False,
@@ -266,7 +271,7 @@ def test_fast_default_path_stays_close_to_the_notebooks_eager_loop_over_50_steps
             "losses": relative_difference(fast[:, -1], ref[:, -1]),
             "step0_norms": relative_difference(fast[0, :-1], ref[0, :-1])}
     report("fast_vs_notebook_eager", diff)
-    assert diff["losses"] < 1e-2 and diff["norms"] < 1e-2, diff
+    assert diff["step0_norms"] < 5e-3 and diff["losses"] < 1e-4 and diff["norms"] < 5e-2, diff
 
 
 @needs_cuda
@@ -312,3 +317,19 @@ def test_train_run_on_cuda_captures_the_step_and_tags_how(tracking_store):
     assert tags[names.EAGER_STEPS_TAG] == "2"  # the partial last batch of epochs 1 and 2
     history = MlflowClient().get_metric_history(run_id, names.grad_norm("conv1"))
     assert sorted(m.step for m in history) == list(range(12))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_a_model_trained_channels_last_is_logged_and_loads_back_on_the_cpu(tracking_store, device):
+    import mlflow.pytorch
+    from mlflow import MlflowClient
+
+    from pipeline import train
+
+    cfg = cfg_for(image_size=32, batch_size=4, synthetic_size=8, max_steps=2, epochs=1,
+                  log_model="true", channels_last="true", device=device)
+    run_id = train.run(cfg)
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+    loaded = mlflow.pytorch.load_model(f"runs:/{run_id}/{names.MODEL}")
+    out = loaded(torch.rand(3, 3, 32, 32))
+    assert out.shape == (3, 10) and out.device.type == "cpu"
