@@ -10,7 +10,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 P       ?=
 
-.PHONY: run test test-fast bench bench-compare install install-test clean-venv
+.PHONY: run test test-slow bench bench-compare install install-test install-server server clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,20 +26,28 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 
+$(VENV)/.installed-server: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[server]"
+	touch $@
+
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
+install-server: $(VENV)/.installed-server
 
 # `mlflow run --env-manager local` runs the entry point's `python` from PATH, so the venv
 # goes first on PATH. Extra parameters: make run P="-P dataset=synthetic -P max_steps=50"
+# `mlflow run` opens its run before our code starts, in MLFLOW_EXPERIMENT_NAME's experiment.
 run: install
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mlflow run . --env-manager local -P skip=false $(P)
+	MLFLOW_EXPERIMENT_NAME=$${MLFLOW_EXPERIMENT_NAME:-gradient-flow} PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mlflow run . --env-manager local -P skip=false $(P)
 
+# The default suite (everything but the slow integration tests): under 10 minutes on 2 cores.
 test: install-test
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
-
-# The quick loop while developing: everything but the slow integration tests.
-test-fast: install-test
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The slow integration tests: real `mlflow run`, servers, PostgreSQL, a browser, killed and
+# resumed runs. CI runs them after `make test`.
+test-slow: install-test
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 # The training-step benchmark: the notebook's loop against ours, one table (BENCHMARKS.md).
 # On a GPU ~3 min; BENCH_ARGS="--quick" runs tiny sizes on a CPU in about a minute (CI).
@@ -49,6 +57,23 @@ bench: install
 # Times the compare step on two full-size runs (see BENCHMARKS.md); ~40 s.
 bench-compare: install
 	$(BIN)/python bench/compare_speed.py
+
+# The team tracking server (README, "A team tracking server"): runs and metrics in
+# PostgreSQL, artifacts uploaded and downloaded through the server into ARTIFACTS. The
+# database must exist; put its password in PGPASSWORD or ~/.pgpass, not in DB_URI. The
+# driver is psycopg2 (`.[server]`): keep +psycopg2, as SQLAlchemy 2.1 reads a bare
+# postgresql:// as psycopg 3.
+# Production: ARTIFACTS=s3://bucket/path (boto3 installed; S3 settings in the server's env).
+# More flags: make server HOST=0.0.0.0 SERVER_ARGS="--allowed-hosts mlflow.lan:5000"
+DB_URI      ?= postgresql+psycopg2://mlflow@localhost:5432/mlflow
+HOST        ?= 127.0.0.1
+PORT        ?= 5000
+ARTIFACTS   ?= ./mlartifacts
+SERVER_ARGS ?=
+
+server: install-server
+	$(BIN)/mlflow server --backend-store-uri "$(DB_URI)" --serve-artifacts \
+	    --artifacts-destination "$(ARTIFACTS)" --host $(HOST) --port $(PORT) $(SERVER_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

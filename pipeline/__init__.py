@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from pathlib import Path
+
+# On Apple's MPS, let operators it lacks run on the CPU (PyTorch warns once per operator,
+# naming it) instead of failing the run. Read by torch when it starts, hence here.
+os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 
 __version__ = "0.1.0"
 

@@ -46,9 +46,10 @@ def _dispatch(action):
         return action()
     except config.UserError as e:  # ConfigError, data.DataError, query.QueryError
         _refuse(str(e))
-    except KeyboardInterrupt:
-        click.echo("interrupted; a run that had started was ended as KILLED", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        click.echo(f"interrupted: {e or 'Ctrl-C'}; a run that had started was ended as KILLED",
+                   err=True)
+        sys.exit(128 + getattr(e, "signum", 2))  # the shell's convention: 130 SIGINT, 143 SIGTERM
 
 
 def _parse(cls, values):
@@ -92,7 +93,7 @@ def compare(**values: str | None) -> None:
     """Compare a skip and a no-skip run: plots, summary tables and a diagnosis."""
     cmp = _parse(config.CompareConfig, values)
     from . import compare as compare_mod
-    run_id = _dispatch(lambda: compare_mod.compare(cmp.experiment_or_none, cmp.run_ids,
+    run_id = _dispatch(lambda: compare_mod.compare(cmp.experiment, cmp.run_ids,
                                                    cmp.layer_list, config.to_params(cmp)))
     click.echo(f"MLflow compare run {run_id} finished; see its comparison/ artifacts")
 
@@ -103,10 +104,23 @@ def compare(**values: str | None) -> None:
 def all_(force: str | None, **values: str | None) -> None:
     """Train both variants (reusing finished runs), then compare them."""
     cfg = _parse(config.Config, values)
+    _parse(config.Config, {**values, "skip": "true"})  # refuses a model without skips (vgg19)
     opts = _parse(config.AllConfig, {"force": force})
     from . import workflow
     run_id = _dispatch(lambda: workflow.run_all(cfg, opts.force))
     click.echo(f"MLflow run {run_id} (all) finished")
+
+
+@cli.command()
+@click.argument("spool")
+def sync(spool: str) -> None:
+    """Deliver what a run kept in SPOOL while its tracking server was unreachable.
+
+    SPOOL is the folder a run named when it ended (<spool root>/<run ID>), or the spool
+    root (every run in it). Safe to repeat: nothing already in the store is sent twice.
+    """
+    from . import tracking
+    _dispatch(lambda: tracking.sync(spool, echo=click.echo))
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from . import names, plots, query
+from .config import AUTO
 from .query import QueryError
 from .tracking import Tracker
 
@@ -128,7 +129,7 @@ def select_runs(experiment: str | None, run_ids: list[str] | None) -> dict[str, 
             filters["model"] = model  # the second variant must match the first one's model
         found = query.find_runs(experiment, status="FINISHED", **filters)
         if not len(found):
-            raise QueryError(f"experiment: {experiment or 'the current experiment'} has no FINISHED "
+            raise QueryError(f"experiment: {query.experiment_ref(experiment)!r} has no FINISHED "
                              f"{variant} run{' of ' + model if model else ''}; train it with "
                              f"`mlflow run . -P skip={'true' if variant == 'skip' else 'false'}`"
                              " or pass -P runs=ID,ID")
@@ -246,13 +247,17 @@ def compare(experiment: str | None = None, run_ids: list[str] | None = None,
     # --- 2. the compare run --------------------------------------------------------------
     model = runs["noskip"].data.params.get("model", "model")
     ids = {v: runs[v].info.run_id for v in VARIANTS}
-    # The compare run goes into the experiment it read from (under `mlflow run` the run
-    # already exists, in the experiment `mlflow run` chose).
+    # The compare run goes into the experiment it read from: the named one, or that of
+    # the given runs (under `mlflow run` the run already exists, where `mlflow run` put it).
+    if run_ids and experiment in (None, AUTO):
+        experiment_id = runs["noskip"].info.experiment_id
+    else:
+        experiment_id = query.experiment_id(experiment)
     tracker = Tracker.start(f"compare-{model}", params or {}, {
         "compare.runs": ",".join(ids.values()),
         "compare.noskip_run": ids["noskip"], "compare.skip_run": ids["skip"],
         "compare.layers": ",".join(chosen),
-    }, experiment_id=query.experiment_id(experiment) if experiment else None)
+    }, experiment_id=experiment_id)
     with tracker.ending():
         histories = {s.variant: s.chosen_history for s in sides}
         for fig, path in ((plots.comparison_norms(histories, chosen, model), NORMS_PLOT),

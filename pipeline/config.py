@@ -12,17 +12,31 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-# The five layers the founding notebook probed, from the stem to the head.
+# The five layers the founding notebook probed, from the stem to the head: resnet50's
+# models.default_layers, which `layers=auto` (the default) stands for.
 DEFAULT_LAYERS = ("conv1", "layer1.0.conv1", "layer2.0.conv2", "layer3.5.conv3", "fc")
+AUTO_LAYERS = ("auto",)
+# `layers=all`: every Conv2d and Linear the forward pass calls (models.all_layers), in call
+# order. All go into gradients/norms.npz every step; as metrics, only the five default
+# layers every step and the rest every `metric_every` steps (MLflow takes ~10k points/s).
+ALL_LAYERS = ("all",)
 
 # Allowed values. models.MODELS must list the same names (a test checks it).
-MODELS = ("resnet50",)
+MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg19")
+# Models with no skip connections to switch on: skip=true is refused for them.
+MODELS_WITHOUT_SKIP = ("vgg19",)
+INITS = ("pytorch", "kaiming")
 OPTIMIZERS = ("adam", "sgd")
 DATASETS = ("cifar10", "synthetic", "imagefolder")
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("default", "fp32", "bf16")
 DATA_PATHS = ("auto", "dataloader", "device")
 GRAPH_MODES = ("auto", "on", "off")
+ON_NAN = ("stop", "continue")
+
+# Where runs go when nothing else says: a named experiment, not MLflow's "Default".
+DEFAULT_EXPERIMENT = "gradient-flow"
+AUTO = "auto"
 
 # ResNet-50 downsamples by 32 (stride-2 stem, stride-2 max-pool, three stride-2 stages).
 # Below this the last stage works on padding alone, so we refuse it.
@@ -55,7 +69,16 @@ def _param(default: Any, help: str, **rules: Any) -> Any:
 class Config:
     # --- the experiment: the founding notebook's recipe -----------------------------
     skip: bool = _param(False, "skip connections on (true) or off (false, the notebook's run)")
-    model: str = _param("resnet50", "network; ResNet-50 without BatchNorm", choices=MODELS)
+    model: str = _param("resnet50", "network: resnet18, resnet34, resnet50 (the notebook's), "
+                                    "resnet101, resnet152 or vgg19 (no skip connections)",
+                        choices=MODELS)
+    # BatchNorm2d after every conv, torchvision's way; off is the notebook's network.
+    batch_norm: bool = _param(False, "BatchNorm after every conv (true) or none (false, the "
+                                     "notebook's)")
+    # pytorch: each module's default init (the notebook's); kaiming: torchvision ResNet's.
+    init: str = _param("pytorch", "weight init: pytorch (PyTorch's defaults, the notebook's) or "
+                                  "kaiming (convs kaiming_normal_ fan_out, as torchvision)",
+                       choices=INITS)
     epochs: int = _param(10, "passes over the training set", min=1)
     batch_size: int = _param(16, "images per training step", min=1)
     lr: float = _param(0.001, "learning rate", positive=True)
@@ -63,8 +86,16 @@ class Config:
     image_size: int = _param(224, "px, square; CIFAR's 32 px images are resized to this",
                              min=MIN_IMAGE_SIZE)
     seed: int = _param(0, "seeds weights, data order and synthetic data", min=0)
-    layers: tuple[str, ...] = _param(DEFAULT_LAYERS, "comma-separated module names to probe",
-                                     kind="names")
+    layers: tuple[str, ...] = _param(AUTO_LAYERS, "comma-separated module names to probe, "
+                                                  "auto = the model's five default layers "
+                                                  "(resnet50: " + ",".join(DEFAULT_LAYERS) + "), "
+                                                  "or all = every Conv2d and Linear in forward "
+                                                  "order", kind="names")
+    # 54 layers x 31,250 steps (resnet50, 10 CIFAR epochs) is 1.7M points: too many to log
+    # as metrics. The dense artifact gradients/norms.npz has every layer at every step.
+    metric_every: int = _param(100, "with layers=all: steps between the grad_norm metrics of "
+                                    "layers other than the five default ones (1 = every step; "
+                                    "gradients/norms.npz has every step regardless)", min=1)
 
     # --- data ------------------------------------------------------------------------
     dataset: str = _param("cifar10", "cifar10 (torchvision download), synthetic, or imagefolder",
@@ -82,10 +113,14 @@ class Config:
     synthetic_test_size: int = _param(1000, "test images in the synthetic dataset", min=1)
 
     # --- run control -----------------------------------------------------------------
+    experiment: str = _param(AUTO, "MLflow experiment name (or ID) to log to: auto = "
+                                   "MLFLOW_EXPERIMENT_NAME/_ID if set, else gradient-flow; under "
+                                   "`mlflow run` the experiment it opened the run in")
     max_steps: int = _param(0, "stop after this many training batches (0 = no limit); the "
                                "test pass then uses a fixed random sample of max_steps x "
                                "batch_size test images, for smoke runs", min=0)
-    device: str = _param("auto", "auto (cuda if available, else cpu), cpu or cuda", choices=DEVICES)
+    device: str = _param("auto", "auto (cuda, else Apple's mps, else cpu), cpu, cuda or mps",
+                         choices=DEVICES)
     precision: str = _param("default", "default (PyTorch's: TF32 convs on Ampere+), fp32 "
                                        "(strict IEEE) or bf16 (autocast)", choices=PRECISIONS)
     # CUDA graphs: one capture of the whole step, replayed every batch; ~4.6x fewer ms per
@@ -95,6 +130,20 @@ class Config:
                         choices=GRAPH_MODES)
     channels_last: str = _param("auto", "NHWC memory layout for the network: auto (on for CUDA), "
                                         "true or false", kind="auto_or_bool")
+    # --- surviving crashes, signals and NaNs ---------------------------------------------
+    # A checkpoint reads every weight off the device (a sync) and writes ~285 MB at 224 px
+    # (weights + Adam's two moments): once per epoch is cheap next to an epoch's work.
+    checkpoint_every: int = _param(0, "steps between checkpoints (0 = at the end of every "
+                                      "epoch); one is also written at the end, on SIGINT/"
+                                      "SIGTERM and before a NaN stops the run", min=0)
+    checkpoint_dir: str = _param("checkpoints", "folder of checkpoints, one subfolder per run ID")
+    resume: str = _param("none", "a run ID to continue from its last checkpoint, in the same "
+                                 "MLflow run (none: start fresh)")
+    on_nan: str = _param("stop", "a NaN/Inf loss or norm: stop (checkpoint, then end the run "
+                                 "FAILED) or continue (record it and go on)", choices=ON_NAN)
+    log_checkpoint: str = _param("auto", "log the final checkpoint as an artifact: auto (on for "
+                                         "full runs, off when max_steps is set), true or false",
+                                 kind="auto_or_bool")
     # --- what else the run records (the model is ~95 MB at 224 px) ---------------------
     log_model: str = _param("auto", "log the trained model: auto (on for full runs, off when "
                                     "max_steps is set), true or false", kind="auto_or_bool")
@@ -107,6 +156,11 @@ class Config:
     flush_every: int = _param(100, "steps between readbacks of the on-device norm buffer", min=1)
 
     # ------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        # The one rule across fields; dataclasses.replace checks it too (the `all` variants).
+        if self.skip and self.model in MODELS_WITHOUT_SKIP:
+            raise no_skip_error(self.model)
+
     @property
     def variant(self) -> str:
         return "skip" if self.skip else "noskip"
@@ -114,6 +168,16 @@ class Config:
     @property
     def run_name(self) -> str:
         return f"{self.model}-{self.variant}"
+
+    @property
+    def resume_id(self) -> str | None:
+        return None if self.resume.lower() == "none" else self.resume
+
+    @property
+    def wants_checkpoint_artifact(self) -> bool:
+        if self.log_checkpoint == "auto":
+            return self.max_steps == 0
+        return self.log_checkpoint == "true"
 
     @property
     def registered_name(self) -> str | None:
@@ -165,6 +229,14 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+def no_skip_error(model: str) -> ConfigError:
+    """skip=true for a model without skip connections (vgg19), from config and models alike."""
+    resnets = ", ".join(m for m in MODELS if m not in MODELS_WITHOUT_SKIP)
+    return ConfigError("skip", f"{model} has no skip connections, so skip=true (and the `all` "
+                               f"step, which trains both variants) is not allowed; use skip=false, "
+                               f"or a model with skips: {resnets}")
+
+
 def parse_bool(name: str, raw: str) -> bool:
     text = str(raw).strip().lower()
     if text in _TRUE:
@@ -199,7 +271,13 @@ def parse_field(f: dataclasses.Field, raw: Any) -> Any:
         layers = tuple(split_list(text))
         if not layers:
             raise ConfigError(name, "the list is empty; give comma-separated module names, "
-                                    f"e.g. {','.join(DEFAULT_LAYERS)}")
+                                    f"e.g. {','.join(DEFAULT_LAYERS)}, or auto")
+        for word in (AUTO_LAYERS, ALL_LAYERS):
+            if any(layer.lower() == word[0] for layer in layers):
+                if len(layers) > 1:
+                    raise ConfigError(name, f"{text!r}: {word[0]} stands alone; give auto, all "
+                                            "or module names, not a mix")
+                return word
         return layers
     if meta.get("kind") == "auto_or_bool":
         if text.lower() == "auto":
@@ -225,20 +303,16 @@ def parse_field(f: dataclasses.Field, raw: Any) -> Any:
 
 
 # --- the compare and all steps --------------------------------------------------------------
-LATEST, SHARED, CURRENT = "latest", "shared", "current"
+LATEST, SHARED = "latest", "shared"
 
 
 @dataclass(frozen=True)
 class CompareConfig:
-    experiment: str = _param(CURRENT, "experiment name or ID to look in; current = the one "
-                                      "MLflow logs to now (MLFLOW_EXPERIMENT_NAME/_ID or Default)")
+    experiment: str = _param(AUTO, "experiment name or ID to look in; auto = the one training "
+                                   "logs to (MLFLOW_EXPERIMENT_NAME/_ID, else gradient-flow)")
     runs: str = _param(LATEST, "two comma-separated run IDs, or latest = the newest FINISHED "
                                "run of each variant (same model)")
     layers: str = _param(SHARED, "comma-separated layers, or shared = every layer both runs probed")
-
-    @property
-    def experiment_or_none(self) -> str | None:
-        return None if self.experiment == CURRENT else self.experiment
 
     @property
     def run_ids(self) -> list[str] | None:

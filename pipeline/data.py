@@ -101,6 +101,7 @@ class Data:
     test: "DataLoader | DeviceBatches"
     source: str          # where the images came from, for the run's description
     lineage: list[Lineage] = field(default_factory=list)
+    order: "EpochOrder | None" = None    # the training order, for checkpoints
     path: str = "dataloader"   # the resolved data_path
     resize: str = "PIL per image, in loader workers (the notebook's)"
 
@@ -166,6 +167,35 @@ def _synthetic(cfg: Config, transform) -> tuple[Dataset, Dataset, str, list[Line
     return train, test, f"synthetic CIFAR-shaped data (seed {cfg.seed})", lineage
 
 
+class EpochOrder(torch.utils.data.Sampler):
+    """The seeded shuffle of every epoch (``RandomSampler`` with its own generator), which
+    remembers where each epoch's draw started, and can start an epoch part-way through:
+    what a checkpoint saves and a resume restores.
+
+    ``start_state`` is the generator state before this epoch's draw; ``resume(state,
+    skip)`` makes the next epoch redraw from ``state`` and drop its first ``skip`` indices.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.sampler = torch.utils.data.RandomSampler(
+            dataset, generator=torch.Generator().manual_seed(seed))
+        self.start_state = self.sampler.generator.get_state()
+        self._skip = 0
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        self.start_state = self.sampler.generator.get_state()
+        skip, self._skip = self._skip, 0
+        # list(): one draw per epoch, exactly as RandomSampler's own iterator draws it.
+        yield from list(self.sampler)[skip:]
+
+    def resume(self, state: torch.Tensor, skip: int) -> None:
+        self.sampler.generator.set_state(state)
+        self._skip = skip
+
+
 # The device path's test batches: evaluation has no probes and no optimizer, and 16 images
 # per forward would make it host-bound (~2 s per epoch on an H200); the batch size changes
 # only the order of the sums.
@@ -186,7 +216,7 @@ class DeviceBatches:
         return math.ceil(len(self.targets) / self.batch_size)
 
     def __iter__(self):
-        n, device = len(self.targets), self.images.device
+        device = self.images.device
         if self.order is None:
             index = None
         else:
@@ -197,6 +227,7 @@ class DeviceBatches:
             if device.type == "cuda":
                 index = index.pin_memory()
             index = index.to(device, non_blocking=True)
+        n = len(self.targets) if index is None else len(index)  # a resumed epoch is shorter
         for start in range(0, n, self.batch_size):
             if index is None:
                 x = self.images[start:start + self.batch_size]
@@ -338,7 +369,7 @@ def build(cfg: Config, device: torch.device) -> Data:
     # sampler owns its generator: a DataLoader's own generator also seeds worker processes,
     # once per epoch without persistent workers and once per run with them, so the order
     # would depend on num_workers.
-    order = torch.utils.data.RandomSampler(train, generator=torch.Generator().manual_seed(cfg.seed))
+    order = EpochOrder(train, cfg.seed)
     if resolve_data_path(cfg, device) == "device":
         # Half of what is free: the network, its activations and the graph pool need the rest.
         budget = _free_bytes(device) // 2
@@ -348,7 +379,7 @@ def build(cfg: Config, device: torch.device) -> Data:
         return Data(
             train=DeviceBatches(x_train, y_train, cfg.batch_size, cfg.image_size, order),
             test=DeviceBatches(x_test, y_test, max(cfg.batch_size, EVAL_BATCH), cfg.image_size),
-            source=source, lineage=lineage, path="device", resize=RESIZE_NOTES[how])
+            source=source, lineage=lineage, path="device", resize=RESIZE_NOTES[how], order=order)
     common = dict(batch_size=cfg.batch_size, num_workers=workers,
                   pin_memory=device.type == "cuda",  # lets the host->device copy run async
                   persistent_workers=workers > 0)
@@ -357,4 +388,5 @@ def build(cfg: Config, device: torch.device) -> Data:
         test=DataLoader(test, shuffle=False, **common),
         source=source,
         lineage=lineage,
+        order=order,
     )

@@ -118,6 +118,9 @@ class Step:
             self.status = GraphStatus("eager", f"CUDA graphs need a CUDA device, not {self.device.type}")
             return
         weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        # A resumed run's optimizer has state already; a fresh one has none yet.
+        moments = {p: {k: t.clone() for k, t in st.items() if torch.is_tensor(t)}
+                   for p, st in self.optimizer.state.items()}
         static = (x.clone(), y.clone())
         try:
             side = torch.cuda.Stream()
@@ -145,20 +148,24 @@ class Step:
         else:
             self._graph, self._static = graph, static
             self.status = GraphStatus("graph", "captured")
-        self._undo_warmup(weights)
+        self._undo_warmup(weights, moments)
 
     @torch.no_grad()
-    def _undo_warmup(self, weights: dict[str, torch.Tensor]) -> None:
-        """Put back the weights and fresh optimizer state, in place (the graph holds their
-        addresses): fresh Adam/SGD state is all zeros, which the captured update then
-        treats exactly as a first step does (Adam's step count 0 -> 1; SGD's momentum
-        0 * 0.9 + g = g)."""
+    def _undo_warmup(self, weights: dict[str, torch.Tensor], moments: dict) -> None:
+        """Put back the weights and the optimizer state, in place (the graph holds their
+        addresses). State the warm-up created is zeroed: fresh Adam/SGD state is all zeros,
+        which the captured update treats exactly as a first step does (Adam's step count
+        0 -> 1; SGD's momentum 0 * 0.9 + g = g)."""
         for k, v in self.model.state_dict().items():
             v.copy_(weights[k])
-        for state in self.optimizer.state.values():
-            for t in state.values():
+        for p, state in self.optimizer.state.items():
+            for k, t in state.items():
                 if torch.is_tensor(t):
-                    t.zero_()
+                    saved = moments.get(p, {}).get(k)
+                    if saved is None:
+                        t.zero_()
+                    else:
+                        t.copy_(saved)
         if self.probes is not None:
             self.probes.reset()
         self.correct.zero_()
@@ -166,12 +173,13 @@ class Step:
 
 
 def run_steps(step: Step, batches, device: torch.device, probes=None, submit=None,
-              on_step=None, limit: int | None = None) -> tuple[int, int]:
+              on_step=None, limit: int | None = None, stop=None) -> tuple[int, int]:
     """Train on ``batches`` (an iterable of (x, y)); returns (steps, images).
 
     Per step the host only launches work: the batch's copy (a no-op when it is already on
     the device), the step, and the probes' row count; ``submit`` receives each chunk the
-    probes hand out. ``on_step(i)`` runs after each step; ``limit`` stops early.
+    probes hand out. ``on_step(i)`` runs after each step; ``limit`` stops early, and so
+    does ``stop()`` when it returns true (a host flag: checking it costs no sync).
     """
     steps = images = 0
     for x, y in batches:
@@ -185,6 +193,6 @@ def run_steps(step: Step, batches, device: torch.device, probes=None, submit=Non
         if on_step is not None:
             on_step(steps)
         steps += 1
-        if limit is not None and steps >= limit:
+        if (limit is not None and steps >= limit) or (stop is not None and stop()):
             break
     return steps, images

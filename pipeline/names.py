@@ -25,6 +25,7 @@ MODEL = "model"                                 # the logged model's name (mlflo
 # Tags.
 VARIANT_TAG = "variant"                        # "skip" | "noskip"
 MODEL_TAG = "model"
+LAYERS_RESOLVED_TAG = "layers.resolved"        # the probed layers, in order (`layers=auto` resolved)
 NOTE_TAG = "mlflow.note.content"               # the run description the UI shows
 STEPS_PER_EPOCH_TAG = "steps_per_epoch"        # epoch of a step = step // this
 CODE_VERSION_TAG = "code_version"              # pipeline.code_version(): digest of the source
@@ -38,6 +39,13 @@ CHANNELS_LAST_TAG = "engine.channels_last"     # "true" | "false"
 DATA_PATH_TAG = "data.path"                    # "dataloader" | "device"
 DATA_RESIZE_TAG = "data.resize"                # how images were resized, vs. the notebook's PIL
 
+RESUMED_INTO_TAG = "resume.continued_in"       # on the run `mlflow run -P resume=ID` opened
+RESUMED_AT_TAG = "resume.from_step"            # on a resumed run: the checkpoint's step
+CHECKPOINT_TAG = "checkpoint.path"             # the run's last checkpoint on local disk
+NONFINITE_COUNT_TAG = "nonfinite.count"        # NaN/Inf values among the losses and norms
+NONFINITE_FIRST_TAG = "nonfinite.first"        # "<key> at step <n>" of the first one
+CHECKPOINT_ARTIFACT = "checkpoints/last.pt"    # the final checkpoint, with log_checkpoint
+
 
 def grad_norm(layer: str) -> str:
     """``grad_norm/layer1.0.conv1``: L2 norm of dLoss/d(output of that module)."""
@@ -46,3 +54,20 @@ def grad_norm(layer: str) -> str:
 
 def layer_of(key: str) -> str:
     return key[len(GRAD_NORM_PREFIX):]
+
+# Tracking outages (pipeline/tracking.py).
+OUTAGE_TAG = "tracking.outage"                 # how many writes waited for the server, since when
+
+# Every probed layer at every step (pipeline/gradient_flow.py has the schema):
+# steps int64 [S], layers str [L] (forward order), norms float64 [S, L], loss float64 [S].
+NORMS_NPZ = "gradients/norms.npz"
+GRADIENT_FLOW_PLOT = "plots/gradient_flow.png"  # heatmap: log10(norm), layer (depth) x step
+DEPTH_PROFILE_PLOT = "plots/depth_profile.png"  # norm against depth at a few steps
+
+# The diagnosis of the dense record, at the end of a run (README, "What a training run logs").
+HEALTH_TAG = "gradient.health"                          # healthy | vanishing | exploding | dead
+FIRST_VANISHING_TAG = "gradient.first_vanishing_layer"  # from the head down; "none"
+FIRST_TO_LAST_TAG = "gradient.first_to_last_ratio"      # median first-layer / last-layer norm
+ZERO_STEP_FRACTION_TAG = "gradient.zero_step_fraction"  # steps with every layer below the head 0
+AT_CHANCE_TAG = "loss.at_chance"                        # "true" | "false"
+METRIC_LAYERS_TAG = "layers.every_step"                 # layers logged as metrics every step

@@ -123,3 +123,83 @@ def depth_profile(table, model: str):
     ax.legend(fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def _log10_floor(norms: np.ndarray) -> tuple[np.ndarray, float]:
+    """log10 of the norms, zeros (and non-finite values) set to a floor one decade below the
+    smallest positive norm (-30 when there is none)."""
+    norms = np.asarray(norms, dtype=np.float64)
+    positive = norms[(norms > 0) & np.isfinite(norms)]
+    floor = float(np.floor(np.log10(positive.min()))) - 1 if len(positive) else -30.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.log10(np.where((norms > 0) & np.isfinite(norms), norms, 1.0))
+    return np.where((norms > 0) & np.isfinite(norms), logs, floor), floor
+
+
+def gradient_flow(steps, layers: Sequence[str], norms, title: str,
+                  batches_per_epoch: int | None = None):
+    """Heatmap of log10(norm): one row per probed layer (input side at the top, forward
+    order), one column per step. Exact zeros (and non-finite values) get the floor colour,
+    black, below the scale; the colour bar's label says so."""
+    steps = np.asarray(steps)
+    logs, floor = _log10_floor(np.asarray(norms).reshape(len(steps), len(layers)))
+    fig, ax = plt.subplots(figsize=(12, max(3.5, 0.16 * len(layers) + 2)))
+    if len(steps):
+        x0, x1 = steps[0] - 0.5, steps[-1] + 0.5
+        cmap = plt.get_cmap("viridis").with_extremes(under="black")
+        image = ax.imshow(logs.T, aspect="auto", interpolation="nearest", cmap=cmap,
+                          extent=(x0, x1, len(layers) - 0.5, -0.5), vmin=floor + 0.5,
+                          vmax=max(float(logs.max()), floor + 1.5))
+        bar = fig.colorbar(image, ax=ax, extend="min")
+        bar.set_label(f"log10 L2 norm of dLoss/d(output); black = exactly zero "
+                      f"(the floor, drawn as {floor:g})")
+        if batches_per_epoch:
+            for b in range(int(steps[0]) // batches_per_epoch * batches_per_epoch
+                           + batches_per_epoch, int(steps[-1]) + 1, batches_per_epoch):
+                ax.axvline(b - 0.5, color="white", lw=0.6, alpha=0.6)
+    ticks = np.arange(len(layers))
+    if len(layers) > 40:  # every other name would still overlap: a readable subset
+        ticks = np.unique(np.append(ticks[::int(np.ceil(len(layers) / 40))], len(layers) - 1))
+    ax.set_yticks(ticks, [layers[i] for i in ticks], fontsize=7)
+    ax.set_xlabel("batch")
+    ax.set_ylabel("layer (forward order: input at the top)")
+    ax.set_title(f"Gradient flow - {title}")
+    fig.tight_layout()
+    return fig
+
+
+def profile_steps(steps) -> list[int]:
+    """Row indices of the first step, 25%, 50% and the last (duplicates dropped)."""
+    n = len(steps)
+    return list(dict.fromkeys(min(n - 1, int(round(f * (n - 1)))) for f in (0, 0.25, 0.5, 1.0))) if n else []
+
+
+def depth_profile_at_steps(steps, layers: Sequence[str], norms, title: str,
+                           batches_per_epoch: int | None = None):
+    """Norm against depth (forward order) at the first step, 25%, 50% and the last; zeros
+    cannot sit on a log axis and are marked with an x on the bottom edge."""
+    steps = np.asarray(steps)
+    norms = np.asarray(norms, dtype=np.float64).reshape(len(steps), len(layers))
+    fig, ax = plt.subplots(figsize=(max(9, 0.18 * len(layers) + 3), 5))
+    x = np.arange(len(layers))
+    for i, row in enumerate(profile_steps(steps)):
+        y = norms[row]
+        colour = plt.cm.viridis(i / 3)
+        ax.plot(x, np.where((y > 0) & np.isfinite(y), y, np.nan), marker="o", ms=3,
+                color=colour, label=f"step {int(steps[row])}")
+        zero = x[y == 0]
+        if len(zero):
+            ax.plot(zero, np.zeros(len(zero)), "x", color=colour, clip_on=False,
+                    transform=ax.get_xaxis_transform(), label=f"step {int(steps[row])}: zero")
+    ticks = x if len(layers) <= 40 else x[::int(np.ceil(len(layers) / 40))]
+    ax.set_xticks(ticks, [layers[i] for i in ticks], rotation=60, ha="right", fontsize=7)
+    if np.any((norms > 0) & np.isfinite(norms)):
+        ax.set_yscale("log")
+    ax.set_xlabel("layer, input side first")
+    ax.set_ylabel("L2 norm of dLoss/d(layer output)")
+    ax.set_title(f"Gradient norm against depth - {title}")
+    ax.grid(True, axis="y", alpha=0.3)
+    if len(steps):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

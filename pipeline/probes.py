@@ -15,6 +15,10 @@ loss with respect to the module's output. Two things differ, both on purpose:
   buffer out every ``flush_every`` steps with one non-blocking copy into pinned memory, and
   a background thread waits for it (``Chunk.values``), never the training loop.
 
+Apple's MPS has no float64. There the probes fall back to float32 with scale-by-max
+(``max|g| * ||g / max|g|||``, whose squares cannot underflow), and combine a module's
+several calls with ``hypot``; accurate to float32's ~1e-7 relative (tests/test_probes.py).
+
 Squared norms are summed per row, so a module called several times in one forward (a shared
 ReLU, say) reports the norm over all its outputs together; the square root is taken on the
 host at readback.
@@ -54,7 +58,8 @@ def check_layers(model: nn.Module, names: tuple[str, ...], image_size: int) -> N
             raise ConfigError("layers", f"{name!r} is not a module of this model; {hint}")
 
     called: set[str] = set()
-    meta = copy.deepcopy(model).to("meta")
+    # eval: a training-mode BatchNorm refuses batch 1 at 1x1 (32 px); the same modules run.
+    meta = copy.deepcopy(model).to("meta").eval()
     meta_modules = dict(meta.named_modules())
     handles = [meta_modules[n].register_forward_hook(lambda m, i, o, n=n: called.add(n)) for n in names]
     try:
@@ -74,16 +79,18 @@ class Chunk:
     """Rows ``first_step .. first_step+n-1`` of the buffer, on their way to the host."""
 
     first_step: int
-    host: torch.Tensor                       # (n, layers + 1) float64: squared norms, then loss
+    host: torch.Tensor                       # (n, layers + 1): squared norms (or norms), then loss
     event: torch.cuda.Event | None           # completes when the copy has landed
     timestamps_ms: list[int] = field(default_factory=list)
+    squared: bool = True                     # False: the float32 fallback stores norms
 
     def values(self) -> np.ndarray:
         """Norms (square-rooted) and loss; blocks the *calling* thread until the copy lands."""
         if self.event is not None:
             self.event.synchronize()
-        out = self.host.numpy().copy()
-        out[:, :-1] = np.sqrt(out[:, :-1])
+        out = self.host.numpy().astype(np.float64)
+        if self.squared:
+            out[:, :-1] = np.sqrt(out[:, :-1])
         return out
 
 
@@ -97,14 +104,18 @@ class GradientProbes:
     """
 
     def __init__(self, model: nn.Module, names: tuple[str, ...], flush_every: int,
-                 device: torch.device, flush_seconds: float | None = None):
+                 device: torch.device, flush_seconds: float | None = None,
+                 dtype: torch.dtype | None = None):
         self.names = list(names)
         self.flush_every = flush_every
         self.flush_seconds = flush_seconds  # None: chunks are exactly flush_every rows
         self.device = device
+        # float64 wherever the device has it (not MPS): see the module docstring.
+        self.dtype = dtype or (torch.float32 if device.type == "mps" else torch.float64)
+        self.squared = self.dtype == torch.float64
         # columns 0..L-1: squared output-gradient norm per layer; column L: the loss
-        self.buf = torch.zeros(flush_every, len(names) + 1, dtype=torch.float64, device=device)
-        self.cur = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)
+        self.buf = torch.zeros(flush_every, len(names) + 1, dtype=self.dtype, device=device)
+        self.cur = torch.zeros(len(names) + 1, dtype=self.dtype, device=device)
         # The row this step lands in, kept on the device so a replayed CUDA graph advances it;
         # ``row`` mirrors it on the host (the host counts its own steps: reading it back
         # would be a sync).
@@ -126,9 +137,14 @@ class GradientProbes:
         return hook
 
     def _record(self, col: int, grad: torch.Tensor) -> None:
-        # float64 inside the reduction: see the module docstring. No .item(): stays on device.
-        sq = torch.linalg.vector_norm(grad, dtype=torch.float64).square()
-        self.cur[col] += sq
+        # No .item(): everything stays on the device.
+        if self.squared:  # float64 inside the reduction: see the module docstring
+            self.cur[col] += torch.linalg.vector_norm(grad, dtype=torch.float64).square()
+            return
+        # float32 fallback: scale by the largest entry first, so no square underflows.
+        top = grad.detach().abs().amax().float()
+        scaled = torch.linalg.vector_norm(grad.float() / torch.where(top > 0, top, 1.0))
+        self.cur[col] = torch.hypot(self.cur[col], top * scaled)
 
     def record(self, loss: torch.Tensor) -> None:
         """The step's one named moment, on the device: after backward its norms are complete,
@@ -154,12 +170,17 @@ class GradientProbes:
         self.record(loss)
         return self.advance()
 
+    def start_at(self, step: int) -> None:
+        """Number the next committed row ``step`` (a resumed run continues its count)."""
+        self.step = self._first_step = self._start = step
+
     def reset(self) -> None:
         """Forget everything recorded (after a CUDA graph's warm-up steps, say)."""
         self.buf.zero_()
         self.cur.zero_()
         self.row_t.zero_()
-        self.row, self.step, self._first_step, self._timestamps = 0, 0, 0, []
+        start = getattr(self, "_start", 0)
+        self.row, self.step, self._first_step, self._timestamps = 0, start, start, []
 
     def drain(self) -> Chunk | None:
         """Start copying the filled rows to the host and reset the buffer; never syncs."""
@@ -167,7 +188,7 @@ class GradientProbes:
             return None
         n = self.row
         cuda = self.buf.is_cuda
-        host = torch.empty((n, self.buf.shape[1]), dtype=torch.float64, pin_memory=cuda)
+        host = torch.empty((n, self.buf.shape[1]), dtype=self.dtype, pin_memory=cuda)
         host.copy_(self.buf[:n], non_blocking=cuda)
         event = None
         if cuda:
@@ -176,7 +197,7 @@ class GradientProbes:
         # Stream order makes this safe: the next steps overwrite rows only after the copy
         # has read them.
         self.row_t.zero_()
-        chunk = Chunk(self._first_step, host, event, self._timestamps)
+        chunk = Chunk(self._first_step, host, event, self._timestamps, self.squared)
         self._first_step, self._timestamps, self.row = self.step, [], 0
         self._last_drain = time.monotonic()
         return chunk

@@ -21,27 +21,46 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from . import names
-from .config import UserError, format_value, parse_bool
+from .config import AUTO, DEFAULT_EXPERIMENT, UserError, format_value, parse_bool
 
 
 class QueryError(UserError, LookupError):
     """Runs or metrics that are not there."""
 
 
-def experiment_id(experiment: str | None = None) -> str:
-    """The ID for a name or ID; by default the experiment MLflow would log to right now."""
-    if experiment is None:
-        from mlflow.tracking.fluent import _get_experiment_id
-        return _get_experiment_id()
+def experiment_ref(experiment: str | None = None) -> str:
+    """What ``auto`` (or None) means, as a name or ID: under `mlflow run`, the experiment of
+    the run it opened; else MLFLOW_EXPERIMENT_ID, MLFLOW_EXPERIMENT_NAME; else gradient-flow.
+    Any other value is returned as given."""
+    if experiment not in (None, AUTO):
+        return experiment
+    pending = os.environ.get("MLFLOW_RUN_ID")
+    if pending:
+        return MlflowClient().get_run(pending).info.experiment_id
+    return (os.environ.get("MLFLOW_EXPERIMENT_ID") or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+            or DEFAULT_EXPERIMENT)
+
+
+def find_experiment(experiment: str | None = None):
+    """The experiment ``experiment`` names (see ``experiment_ref``), or None if absent."""
+    ref = experiment_ref(experiment)
     client = MlflowClient()
-    found = client.get_experiment_by_name(experiment)
-    if found is None and experiment.isdigit():
+    found = client.get_experiment_by_name(ref)
+    if found is None and ref.isdigit():
         try:
-            found = client.get_experiment(experiment)
+            found = client.get_experiment(ref)
         except MlflowException:
             found = None
+    return found
+
+
+def experiment_id(experiment: str | None = None) -> str:
+    """The ID of an existing experiment, by name or ID; by default (None or ``auto``) the
+    one this project logs to (``experiment_ref``)."""
+    found = find_experiment(experiment)
     if found is None:
-        raise QueryError(f"experiment: {experiment!r} does not exist in {mlflow.get_tracking_uri()}")
+        raise QueryError(f"experiment: {experiment_ref(experiment)!r} does not exist in "
+                         f"{mlflow.get_tracking_uri()}; train a run first, or name another")
     return found.experiment_id
 
 
@@ -79,7 +98,8 @@ def get_run(run_id: str):
 
 
 def probed_layers(run) -> list[str]:
-    """The run's probed layers, input side first (the order of its ``layers`` param).
+    """The run's probed layers, input side first (the order of its ``layers.resolved`` tag,
+    else of its ``layers`` param, which may be ``auto``).
 
     Raises QueryError for a run without ``grad_norm/*`` metrics.
     """
@@ -87,7 +107,8 @@ def probed_layers(run) -> list[str]:
     if not logged:
         raise QueryError(f"runs: run {run.info.run_id} has no {names.GRAD_NORM_PREFIX}* metrics; "
                          "is it a training run of this project?")
-    order = [layer for layer in run.data.params.get("layers", "").split(",") if layer in logged]
+    listed = run.data.tags.get(names.LAYERS_RESOLVED_TAG) or run.data.params.get("layers", "")
+    order = [layer for layer in listed.split(",") if layer in logged]
     return order + sorted(logged - set(order))
 
 
@@ -129,11 +150,19 @@ def run_config(run_id: str) -> dict[str, str]:
                          "runs made by this version can be rerun") from None
 
 
+def metric_histories(run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """Every (step, value) the run holds, by metric key (system metrics left out)."""
+    client = MlflowClient()
+    keys = [k for k in get_run(run_id).data.metrics if not k.startswith("system/")]
+    return {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in keys}
+
+
 def final_metrics(run) -> dict[str, float]:
     """The last value of each per-epoch metric, as shown in the UI's run table."""
     keys = (names.TRAIN_ACCURACY, names.TRAIN_LOSS, names.TEST_ACCURACY, names.TEST_LOSS)
     return {k: run.data.metrics.get(k, float("nan")) for k in keys}
 
 
-__all__ = ["QueryError", "experiment_id", "find_runs", "get_run", "run_config",
-           "probed_layers", "gradient_history", "final_metrics"]
+__all__ = ["QueryError", "experiment_id", "experiment_ref", "find_experiment", "find_runs",
+           "get_run", "run_config", "probed_layers", "gradient_history", "final_metrics",
+           "metric_histories"]

@@ -5,29 +5,53 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import os
+import signal
+import sys
+import tempfile
+import threading
 import time
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import code_version, engine, names, plots
+from . import checkpoint, code_version, engine, gradient_flow, names, plots, query
 from . import data as data_mod
-from .config import Config, ConfigError
-from .models import build_model
+from .config import ALL_LAYERS, AUTO_LAYERS, Config, ConfigError, UserError
+from .models import all_layers, build_model, default_layers
 from .probes import FLUSH_SECONDS, GradientProbes, check_layers
 from .progress import Progress
+from . import tracking
 from .tracking import Tracker
 
 
+def mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
 def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA, then Apple's MPS, then the CPU; an explicit one must be present."""
+    available = {"cuda": torch.cuda.is_available(), "mps": mps_available(), "cpu": True}
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", "cuda was asked for but no CUDA device is visible; "
-                                    "allowed here: auto, cpu")
+        return torch.device(next(d for d in ("cuda", "mps", "cpu") if available[d]))
+    if not available[name]:
+        here = ", ".join(["auto"] + [d for d, ok in available.items() if ok])
+        raise ConfigError("device", f"{name} was asked for but no {name.upper()} device is "
+                                    f"visible; allowed here: {here}")
     return torch.device(name)
+
+
+def device_notes(device: torch.device) -> list[str]:
+    """What works differently on this device, said once at the start of a run."""
+    if device.type != "mps":
+        return []
+    return ["note: MPS has no float64, so the probes use float32 with scale-by-max (no "
+            "underflow; ~1e-7 relative); CUDA graphs, channels_last and the device data path "
+            "are CUDA-only; operators MPS lacks run on the CPU (PYTORCH_ENABLE_MPS_FALLBACK=1; "
+            "PyTorch names each one in a warning)"]
 
 
 def resolve_graph(cfg: Config, device: torch.device) -> bool:
@@ -35,6 +59,27 @@ def resolve_graph(cfg: Config, device: torch.device) -> bool:
         raise ConfigError("graph", f"on needs a CUDA device, and this run uses {device.type}; "
                                    "allowed here: auto, off")
     return cfg.graph == "on" or (cfg.graph == "auto" and device.type == "cuda")
+
+
+def resolve_layers(cfg: Config, model: nn.Module | None = None) -> tuple[str, ...]:
+    """The module names to probe: ``layers=auto`` is the model's five default layers,
+    ``layers=all`` every Conv2d and Linear its forward pass calls, in call order."""
+    if cfg.layers == AUTO_LAYERS:
+        return default_layers(cfg.model, batch_norm=cfg.batch_norm)
+    if cfg.layers == ALL_LAYERS:
+        if model is None:
+            model = build_model(cfg.model, skip=cfg.skip, batch_norm=cfg.batch_norm, init=cfg.init)
+        return tuple(all_layers(model, cfg.image_size))
+    return cfg.layers
+
+
+def every_step_layers(params: dict, cfg: Config) -> tuple[str, ...]:
+    """The probed layers logged as metrics every step: with ``layers=all`` (as logged in
+    ``params``) the model's five default layers, else every probed layer."""
+    wanted = None
+    if str(params.get("layers", "")).strip().lower() == ALL_LAYERS[0]:
+        wanted = default_layers(cfg.model, batch_norm=cfg.batch_norm)
+    return gradient_flow.every_step_layers(cfg.layers, wanted)
 
 
 @contextlib.contextmanager
@@ -58,13 +103,20 @@ def precision_mode(precision: str, device: torch.device):
 
 
 def describe(cfg: Config, source: str) -> str:
-    skip = "with skip connections" if cfg.skip else "without skip connections (the notebook's run)"
-    return (f"**{cfg.model}** (no BatchNorm) {skip}, trained for {cfg.epochs} epoch(s) on "
-            f"{source} at {cfg.image_size}x{cfg.image_size}, batch {cfg.batch_size}, "
+    notebooks = cfg.model == "resnet50" and not cfg.batch_norm and cfg.init == "pytorch"
+    skip = ("with skip connections" if cfg.skip else "without skip connections"
+            + (" (the notebook's run)" if notebooks else ""))
+    norm = "with BatchNorm" if cfg.batch_norm else "no BatchNorm"
+    return (f"**{cfg.model}** ({norm}, {cfg.init} init) {skip}, trained for {cfg.epochs} "
+            f"epoch(s) on {source} at {cfg.image_size}x{cfg.image_size}, batch {cfg.batch_size}, "
             f"{cfg.optimizer} lr {cfg.lr}, seed {cfg.seed}"
             + (f", stopped after {cfg.max_steps} batches" if cfg.max_steps else "") + ".\n\n"
             f"Every batch logs `grad_norm/<layer>`: the float64 L2 norm of dLoss/d(layer output) "
-            f"for {', '.join(f'`{layer}`' for layer in cfg.layers)}.")
+            + (f"for {', '.join(f'`{layer}`' for layer in cfg.layers)}." if len(cfg.layers) <= 10
+               else f"for the layers in the `{names.METRIC_LAYERS_TAG}` tag, and every "
+                    f"{cfg.metric_every} batches for the rest of the {len(cfg.layers)} probed "
+                    f"layers (`{names.LAYERS_RESOLVED_TAG}`)")
+            + f" `{names.NORMS_NPZ}` has every probed layer at every batch.")
 
 
 def result_table(gradients: dict[str, list[float]]) -> str:
@@ -101,32 +153,81 @@ def run(cfg: Config, tags: dict[str, str] | None = None) -> str:
     # --- 1. check everything cheap before any download or device work -----------------
     device = resolve_device(cfg.device)
     use_graph = resolve_graph(cfg, device)
+    for line in device_notes(device):
+        print(line, file=sys.stderr)
     torch.manual_seed(cfg.seed)  # the init draws, in the notebook's module order
-    model = build_model(cfg.model, skip=cfg.skip)
-    check_layers(model, cfg.layers, cfg.image_size)
+    model = build_model(cfg.model, skip=cfg.skip, batch_norm=cfg.batch_norm, init=cfg.init)
+    layers = resolve_layers(cfg, model)
+    check_layers(model, layers, cfg.image_size)
+    # The params stay as given (`mlflow run` has logged `layers=auto` already); everything
+    # below sees the concrete names, which the layers.resolved tag records.
+    params, cfg = cfg.to_params(), dataclasses.replace(cfg, layers=layers)
+    tracking.check_experiment(cfg.experiment)
+    resume = find_resume_point(cfg) if cfg.resume_id else None
+    if resume is not None:  # the run goes on exactly as it was configured
+        params, cfg = resume.params, resume.cfg
 
     # --- 2. data (may download) ---------------------------------------------------------
     data = data_mod.build(cfg, device)
+    experiment_id = tracking.use_experiment(cfg.experiment)  # may create it
 
     # --- 3. the MLflow run --------------------------------------------------------------
-    tracker = Tracker.start(cfg.run_name, cfg.to_params(), {
+    tracker = Tracker.start(cfg.run_name, params, {
         names.VARIANT_TAG: cfg.variant, names.MODEL_TAG: cfg.model,
+        names.LAYERS_RESOLVED_TAG: ",".join(cfg.layers),
+        names.METRIC_LAYERS_TAG: ",".join(every_step_layers(params, cfg)),
         names.DEVICE_TAG: str(device), names.STEPS_PER_EPOCH_TAG: str(data.steps_per_epoch),
         names.DATA_PATH_TAG: data.path, names.DATA_RESIZE_TAG: data.resize,
         names.CODE_VERSION_TAG: code_version(), **(tags or {}),
-    }, system_metrics=cfg.wants_system_metrics(device.type))
+    }, experiment_id=experiment_id, system_metrics=cfg.wants_system_metrics(device.type),
+        run_id=resume.run_id if resume else None)
+    if resume is not None and os.environ.get("MLFLOW_RUN_ID") not in (None, resume.run_id):
+        tracking.mark_launcher(os.environ["MLFLOW_RUN_ID"], resume.run_id)
     tracker.set_note(describe(cfg, data.source))
     with tracker.ending(), precision_mode(cfg.precision, device) as autocast:
         # What reproduces this run: the resolved configuration and the software it ran on.
-        tracker.log_dict({"params": cfg.to_params(), "code_version": code_version()},
+        tracker.log_dict({"params": params, "code_version": code_version()},
                          names.CONFIG_JSON)
         tracker.set_tags(environment(device))
         tracker.log_datasets(data.lineage)
-        gradients, summary = _train(cfg, model, data, device, autocast, tracker, use_graph)
+        gradients, summary, dense = _train(cfg, model, data, device, autocast, tracker,
+                                           use_graph, resume, every_step_layers(params, cfg))
         _log_artifacts(cfg, tracker, gradients, summary, data)
+        _log_gradient_flow(cfg, tracker, dense, data)
         if cfg.wants_model:
             _log_model(cfg, tracker, model, device)
     return tracker.run_id
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumePoint:
+    run_id: str
+    path: object        # the checkpoint file
+    cfg: Config         # the run's own configuration (its config.json), layers resolved
+    params: dict        # ... as logged
+
+
+def find_resume_point(cfg: Config) -> ResumePoint:
+    """The checkpoint of run ``cfg.resume``, checked before any data or device work: the
+    run exists, trained the same model, and left a checkpoint here."""
+    run_id = cfg.resume_id
+    try:
+        logged = query.run_config(run_id)
+    except UserError as e:
+        raise ConfigError("resume", f"{run_id!r} is not a training run of this project in "
+                                    f"{tracking.mlflow.get_tracking_uri()} ({e}); allowed: "
+                                    "the ID of a run this project trained, or none") from None
+    original = Config.from_strings(logged)
+    if original.model != cfg.model:
+        raise ConfigError("resume", f"run {run_id} trained model {original.model}, not "
+                                    f"{cfg.model}; resume it with -P model={original.model}")
+    path = checkpoint.path_for(cfg.checkpoint_dir, run_id)
+    if not path.exists():
+        raise ConfigError("resume", f"run {run_id} has no checkpoint at {path}; pass the "
+                                    "checkpoint_dir it was trained with")
+    resolved = dataclasses.replace(original, resume=run_id, checkpoint_dir=cfg.checkpoint_dir,
+                                   layers=resolve_layers(original))
+    return ResumePoint(run_id, path, resolved, logged)
 
 
 def environment(device: torch.device) -> dict[str, str]:
@@ -160,7 +261,69 @@ def _log_model(cfg: Config, tracker: Tracker, model: nn.Module, device: torch.de
     tracker.log_model(model, example.numpy(), output.numpy(), cfg.registered_name)
 
 
-def _train(cfg, model, data, device, autocast, tracker, use_graph):
+class NumericalError(UserError, RuntimeError):
+    """A NaN or Inf loss or norm stopped the run (on_nan=stop)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: the run stopped after a step, flushed and checkpointed."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """The first SIGINT/SIGTERM asks the loop to stop after the current step (a host flag,
+    checked between steps); a second one interrupts at once. Yields the flag's holder."""
+    state = {"signum": None}
+
+    def handler(signum, frame):
+        if state["signum"] is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopped at once")
+        state["signum"] = signum
+
+    if threading.current_thread() is not threading.main_thread():
+        yield state  # signals reach the main thread only
+        return
+    saved = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield state
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+class NonFiniteWatch:
+    """Counts NaN/Inf losses and norms as chunks reach the host (in the writer thread, so
+    the training loop never waits); remembers the first."""
+
+    def __init__(self, keys: list[str], first_step: int, then):
+        self.keys, self.next_step, self.then = keys, first_step, then
+        self.count = 0
+        self.first: tuple[int, str, float] | None = None
+
+    def __call__(self, values: np.ndarray) -> None:
+        bad = ~np.isfinite(values)
+        if bad.any():
+            self.count += int(bad.sum())
+            if self.first is None:
+                r, c = np.argwhere(bad)[0]
+                self.first = (self.next_step + int(r), self.keys[c], float(values[r, c]))
+        self.next_step += len(values)
+        self.then(values)
+
+    @property
+    def tags(self) -> dict[str, str]:
+        if self.first is None:
+            return {names.NONFINITE_COUNT_TAG: "0"}
+        step, key, value = self.first
+        return {names.NONFINITE_COUNT_TAG: str(self.count),
+                names.NONFINITE_FIRST_TAG: f"{key}={value} at step {step}"}
+
+
+def _train(cfg, model, data, device, autocast, tracker, use_graph, resume=None, every_step=None):
     channels_last = cfg.wants_channels_last(device.type)
     model.to(device).train()
     if channels_last:
@@ -171,61 +334,161 @@ def _train(cfg, model, data, device, autocast, tracker, use_graph):
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
+
+    # --- where to start: step 0, or a checkpoint ------------------------------------------
+    ckpt_path = checkpoint.path_for(cfg.checkpoint_dir, tracker.run_id)
+    position = checkpoint.Position(0, 0, 0, data.order.start_state)
+    history, resumed = None, {}
+    if resume is not None:
+        position, resumed = checkpoint.load(resume.path, model, optimizer, device)
+        data.order.resume(position.order_state, position.batch * cfg.batch_size)
+        history = query.metric_histories(tracker.run_id)
+        tracker.set_tags({names.RESUMED_AT_TAG: str(position.step)})
+
     # The buffer never needs more rows than the run has steps.
     probes = GradientProbes(model, cfg.layers, min(cfg.flush_every, total), device,
                             flush_seconds=FLUSH_SECONDS)
+    probes.start_at(position.step)
     step_fn = engine.Step(model, optimizer, probes, autocast, device, graph=use_graph,
                           channels_last=channels_last)
-    keys = [names.grad_norm(layer) for layer in cfg.layers] + [names.TRAIN_LOSS]
+    # The probes measure every layer; the metric writer gets the every-step columns (and
+    # the loss), the Collector the full rows: the dense artifact, the thinned metrics of the
+    # other layers (with layers=all), the NaN watch and the dead-network warning.
+    every_step = tuple(cfg.layers) if every_step is None else tuple(every_step)
+    keys = [names.grad_norm(layer) for layer in every_step] + [names.TRAIN_LOSS]
     progress = Progress(cfg.epochs, steps_per_epoch, cfg.batch_size, total,
                         estimate=device.type == "cpu")
-    tracker.stream(keys, on_values=progress.on_values)
+    watch = NonFiniteWatch([names.grad_norm(layer) for layer in cfg.layers] + [names.TRAIN_LOSS],
+                           position.step, lambda values: None)
+    collector = gradient_flow.Collector(cfg.layers, every_step, cfg.metric_every, then=watch,
+                                        warn=progress.write)
+    tracker.stream(keys, on_values=progress.on_values, history=history)
 
-    step, summary = 0, {}
+    def send_thinned() -> bool:
+        """The thinned points the writer thread has collected, queued from this thread."""
+        pending = collector.take_pending()
+        for at, ms, metrics in pending:
+            tracker.log_epoch(at, metrics, ms)  # a batch of points at step ``at``
+        return bool(pending)
 
-    def on_step(i):  # i counts from 0 within the epoch; ``step`` is read at call time
-        if step + i == 0:
+    def submit(chunk) -> None:  # host only: the chunk is read back in the writer thread
+        tracker.submit(collector.wrap(chunk))
+        send_thinned()
+    tracker.set_tags({names.CHECKPOINT_TAG: str(ckpt_path)})
+
+    step, epoch, in_epoch, summary = position.step, position.epoch, position.batch, {}
+    due = {"checkpoint": False}  # set by on_step; acted on between steps
+
+    def save_checkpoint(at_epoch: int, at_batch: int, seen: int) -> bool:
+        """Points before ``step`` land first: a resume never redoes them. Refused once a
+        NaN/Inf was seen with on_nan=stop, so the last checkpoint stays the last good one."""
+        submit(probes.drain())
+        tracker.wait()
+        if send_thinned():
+            tracker.wait()
+        if watch.first is not None and cfg.on_nan == "stop":
+            return False
+        # Mid-epoch: this epoch's order is redrawn from its start state; at an epoch's end
+        # the generator has already moved on to the next epoch's state.
+        order_state = (data.order.start_state if at_batch
+                       else data.order.sampler.generator.get_state())
+        checkpoint.save(ckpt_path, model, optimizer,
+                        checkpoint.Position(step, at_epoch, at_batch, order_state),
+                        cfg.to_params(), {"run_id": tracker.run_id,
+                                          "correct": int(step_fn.correct.item()), "seen": seen})
+        return True
+
+    def on_step(i):  # i counts from 0 within this call; ``step`` is read at call time
+        if step + i == position.step:
             _log_engine(tracker, step_fn, channels_last, progress)
         progress.step(step + i)
+        if cfg.checkpoint_every and (step + i + 1) % cfg.checkpoint_every == 0:
+            due["checkpoint"] = True
 
-    try:
-        for epoch in range(cfg.epochs):
-            progress.start_epoch(epoch)
-            t0 = time.perf_counter()
-            step_fn.correct.zero_()
-            limit = cfg.max_steps - step if cfg.max_steps else None
-            done, seen = engine.run_steps(step_fn, data.train, device, probes, tracker.submit,
-                                          on_step, limit)
-            step += done
-            tracker.submit(probes.drain())
-            if device.type == "cuda":
-                torch.cuda.synchronize()  # once per epoch, so the timing below is honest
-            train_seconds = time.perf_counter() - t0
-            test_loss, test_acc = evaluate(model, data.test, device, autocast)
-            summary = {
-                names.TRAIN_ACCURACY: step_fn.correct.item() / max(seen, 1),
-                names.TEST_ACCURACY: test_acc,
-                names.TEST_LOSS: test_loss,
-                names.EPOCH_SECONDS: time.perf_counter() - t0,
-                names.IMAGES_PER_SECOND: seen / max(train_seconds, 1e-9),
-            }
-            tracker.log_epoch(epoch, summary, int(time.time() * 1000))
-            progress.end_epoch(
-                f"loss {progress.loss_text} train acc {summary[names.TRAIN_ACCURACY]:.3f} "
-                f"test acc {test_acc:.3f} test loss {test_loss:.4f} "
-                f"({summary[names.IMAGES_PER_SECOND]:.0f} img/s)")
-            if cfg.max_steps and step >= cfg.max_steps:
-                break
-    finally:
-        progress.close()
-        probes.remove()
+    with stop_on_signals() as signals:
+        def stop() -> bool:  # host flags only: no sync
+            return (signals["signum"] is not None or due["checkpoint"]
+                    or (cfg.on_nan == "stop" and watch.first is not None))
+
+        if resume is None:
+            save_checkpoint(0, 0, 0)  # the state before any step: always a good one
+        epoch_open, seen = False, 0
+        try:
+            while epoch < cfg.epochs:
+                if not epoch_open:
+                    progress.start_epoch(epoch)
+                    t0, epoch_open = time.perf_counter(), True
+                    # A resumed epoch carries on the counts of its first part.
+                    step_fn.correct.fill_(resumed.get("correct", 0) if in_epoch else 0)
+                    seen = resumed.get("seen", 0) if in_epoch else 0
+                limit = cfg.max_steps - step if cfg.max_steps else None
+                done, images = engine.run_steps(step_fn, data.train, device, probes,
+                                                submit, on_step, limit, stop)
+                step, in_epoch, seen = step + done, in_epoch + done, seen + images
+                if signals["signum"] is not None:
+                    save_checkpoint(epoch, in_epoch, seen)
+                    name = signal.Signals(signals["signum"]).name
+                    raise Interrupted(f"{name} after step {step - 1}; checkpoint {ckpt_path} "
+                                      f"(resume with -P resume={tracker.run_id})", signals["signum"])
+                if cfg.on_nan == "stop" and watch.first is not None:
+                    _stop_for_nonfinite(watch, ckpt_path, tracker, probes, submit)
+                epoch_done = in_epoch >= steps_per_epoch or bool(cfg.max_steps and step >= cfg.max_steps)
+                if due["checkpoint"]:
+                    due["checkpoint"] = False
+                    if not epoch_done:
+                        if not save_checkpoint(epoch, in_epoch, seen):
+                            _stop_for_nonfinite(watch, ckpt_path, tracker, probes, submit)
+                        # the rest of the epoch: the same order, from where it stopped
+                        data.order.resume(data.order.start_state, in_epoch * cfg.batch_size)
+                        continue
+                # --- the epoch is over (or max_steps is reached) --------------------------
+                submit(probes.drain())
+                if device.type == "cuda":
+                    torch.cuda.synchronize()  # once per epoch, so the timing below is honest
+                train_seconds = time.perf_counter() - t0
+                test_loss, test_acc = evaluate(model, data.test, device, autocast)
+                summary = {
+                    names.TRAIN_ACCURACY: step_fn.correct.item() / max(seen, 1),
+                    names.TEST_ACCURACY: test_acc,
+                    names.TEST_LOSS: test_loss,
+                    names.EPOCH_SECONDS: time.perf_counter() - t0,
+                    names.IMAGES_PER_SECOND: seen / max(train_seconds, 1e-9),
+                }
+                tracker.log_epoch(epoch, summary, int(time.time() * 1000))
+                progress.end_epoch(
+                    f"loss {progress.loss_text} train acc {summary[names.TRAIN_ACCURACY]:.3f} "
+                    f"test acc {test_acc:.3f} test loss {test_loss:.4f} "
+                    f"({summary[names.IMAGES_PER_SECOND]:.0f} img/s)")
+                epoch, in_epoch, epoch_open = epoch + 1, 0, False
+                if not save_checkpoint(epoch, 0, 0):  # every epoch's end, and the run's
+                    _stop_for_nonfinite(watch, ckpt_path, tracker, probes, submit)
+                if cfg.max_steps and step >= cfg.max_steps:
+                    break
+        finally:
+            progress.close()
+            probes.remove()
+            tracker.set_tags(watch.tags)
 
     tracker.set_tags({names.EAGER_STEPS_TAG: str(step_fn.eager_batches)})
+    tracker.wait()
+    send_thinned()
     series = tracker.flush()
     gradients = {layer: [v for _, v in sorted(series.get(names.grad_norm(layer), []))]
-                 for layer in cfg.layers}
+                 for layer in every_step}
     summary["steps"] = step
-    return gradients, summary
+    if cfg.wants_checkpoint_artifact:
+        tracker.log_artifact(ckpt_path, names.CHECKPOINT_ARTIFACT)
+    return gradients, summary, collector.dense()
+
+
+def _stop_for_nonfinite(watch: NonFiniteWatch, ckpt_path, tracker: Tracker, probes,
+                        submit=None) -> None:
+    (submit or tracker.submit)(probes.drain())  # the steps run meanwhile are recorded too
+    tracker.wait()
+    step, key, value = watch.first
+    raise NumericalError(f"on_nan=stop: {key} was {value} at step {step}; the last good "
+                         f"checkpoint is {ckpt_path} (resume with -P resume={tracker.run_id}, "
+                         "or record and go on with -P on_nan=continue)")
 
 
 def _log_engine(tracker: Tracker, step_fn: engine.Step, channels_last: bool,
@@ -253,3 +516,24 @@ def _log_artifacts(cfg, tracker, gradients, summary, data) -> None:
     tracker.set_note(describe(cfg, data.source) + "\n\n"
                      f"**Result** after {summary['steps']} batches: test accuracy {acc:.3f}.\n\n"
                      + result_table(gradients))
+
+
+def _log_gradient_flow(cfg, tracker, dense, data) -> None:
+    """gradients/norms.npz, the heatmap and depth profile, and the diagnosis tags, all from
+    the dense record (every probed layer at every step this process trained)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, os.path.basename(names.NORMS_NPZ))
+        gradient_flow.save_npz(path, dense)
+        tracker.log_artifact(path, names.NORMS_NPZ)  # sent (or spooled) before it returns
+    variant = "with skip connections" if cfg.skip else "without skip connections"
+    title = f"{cfg.model} ({variant}), {cfg.dataset} {cfg.image_size}px"
+    for make, path in ((plots.gradient_flow, names.GRADIENT_FLOW_PLOT),
+                       (plots.depth_profile_at_steps, names.DEPTH_PROFILE_PLOT)):
+        fig = make(dense["steps"], list(dense["layers"]), dense["norms"], title,
+                   batches_per_epoch=data.steps_per_epoch)
+        try:
+            tracker.log_figure(fig, path)
+        finally:
+            plots.close(fig)
+    tracker.set_tags(gradient_flow.diagnose(dense["steps"], list(dense["layers"]), dense["norms"],
+                                            dense["loss"], data_mod.NUM_CLASSES))

@@ -13,12 +13,13 @@ import click
 
 from . import code_version, compare, names, query, train
 from .config import AllConfig, CompareConfig, Config, ConfigError, to_params
+from . import tracking
 from .tracking import Tracker
 
 
 def find_reusable(cfg: Config) -> str | None:
     """The newest FINISHED run with exactly ``cfg`` and this code, or None."""
-    found = query.find_runs(status="FINISHED", skip=cfg.skip, model=cfg.model)
+    found = query.find_runs(cfg.experiment, status="FINISHED", skip=cfg.skip, model=cfg.model)
     fields = [f.name for f in dataclasses.fields(Config)]
     for _, row in found.iterrows():
         if row.get(f"tags.{names.CODE_VERSION_TAG}") != code_version():
@@ -35,9 +36,14 @@ def find_reusable(cfg: Config) -> str | None:
 
 def run_all(cfg: Config, force: bool) -> str:
     """Returns the `all` run's ID."""
+    if cfg.resume_id:
+        raise ConfigError("resume", "continues one training run; use the main entry point "
+                                    "(mlflow run . -P resume=ID), not all")
     params = {k: v for k, v in to_params(cfg).items() if k != "skip"}
     params.update(to_params(AllConfig(force=force)))
-    parent = Tracker.start(f"all-{cfg.model}", params, {"pipeline.step": "all"})
+    experiment_id = tracking.use_experiment(cfg.experiment)
+    parent = Tracker.start(f"all-{cfg.model}", params, {"pipeline.step": "all"},
+                           experiment_id=experiment_id)
     with parent.ending():
         ids = {}
         for skip in (False, True):
@@ -49,8 +55,8 @@ def run_all(cfg: Config, force: bool) -> str:
             ids[variant_cfg.variant] = reused or train.run(variant_cfg)
             parent.set_tags({f"all.{variant_cfg.variant}_run": ids[variant_cfg.variant],
                              f"all.{variant_cfg.variant}_reused": str(bool(reused)).lower()})
-        cmp = CompareConfig(runs=f"{ids['noskip']},{ids['skip']}")
-        compare_id = compare.compare(run_ids=cmp.run_ids, params=to_params(cmp))
+        cmp = CompareConfig(experiment=experiment_id, runs=f"{ids['noskip']},{ids['skip']}")
+        compare_id = compare.compare(cmp.experiment, cmp.run_ids, params=to_params(cmp))
         parent.set_tags({"all.compare_run": compare_id})
         parent.set_note(f"Trained (or reused) `{ids['noskip']}` (noskip) and `{ids['skip']}` "
                         f"(skip), compared in `{compare_id}`; the comparison's summary is on "

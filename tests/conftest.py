@@ -72,14 +72,14 @@ def run_pipeline(args: list[str], cwd: Path, store: Store | None = None, timeout
 
 
 def run_mlflow_project(params: dict[str, str], cwd: Path, store: Store, entry_point: str = "main",
-                       timeout: float = 180) -> subprocess.CompletedProcess:
+                       timeout: float = 180, **extra_env: str) -> subprocess.CompletedProcess:
     """``mlflow run <repo> --env-manager local -e ENTRY -P k=v ...`` as a real subprocess."""
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO_ROOT), "--env-manager", "local",
            "-e", entry_point]
     for k, v in params.items():
         cmd += ["-P", f"{k}={v}"]
-    return subprocess.run(cmd, cwd=cwd, env=subprocess_env(store), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=cwd, env=subprocess_env(store, **extra_env),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def describe_process(proc: subprocess.CompletedProcess) -> str:

@@ -49,8 +49,12 @@ class Store:
     def client(self) -> MlflowClient:
         return MlflowClient(self.uri)
 
-    def default_experiment_id(self) -> str:
-        return self.client.get_experiment_by_name("Default").experiment_id
+    def project_experiment_id(self) -> str:
+        """The experiment runs go to by default (``gradient-flow``), created if missing."""
+        from pipeline.config import DEFAULT_EXPERIMENT
+
+        found = self.client.get_experiment_by_name(DEFAULT_EXPERIMENT)
+        return found.experiment_id if found else self.client.create_experiment(DEFAULT_EXPERIMENT)
 
 
 def sqlite_uri(directory: Path) -> str:
@@ -234,7 +238,7 @@ def collapse_histories(seed: int = 0, steps_per_epoch: int = 10) -> dict[str, di
 
 def make_pair(store: Store, experiment_id: str | None = None, seed: int = 0,
               steps_per_epoch: int = 10) -> dict[str, FakeRun]:
-    experiment_id = experiment_id or store.default_experiment_id()
+    experiment_id = experiment_id or store.project_experiment_id()
     h = collapse_histories(seed, steps_per_epoch)
     return {v: make_training_run(store.client, experiment_id, v, h[v], steps_per_epoch,
                                  seed=seed * 10 + i)

@@ -33,7 +33,13 @@ def assert_no_run_was_created(directory) -> None:
 BAD_VALUES = [
     (["--skip", "maybe"], "skip"),
     (["--epochs", "0"], "epochs"),
+    (["--epochs", "-1"], "epochs"),
+    (["--batch-size", "0"], "batch_size"),
     (["--lr", "abc"], "lr"),
+    (["--lr", "-1"], "lr"),
+    (["--dataset", "mnist"], "dataset"),
+    (["--model", "resnet9"], "model"),
+    (["--on-nan", "ignore"], "on_nan"),
     (["--image-size", "7"], "image_size"),
     (["--layers", ","], "layers"),
     (["--num-workers", "x"], "num_workers"),

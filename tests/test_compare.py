@@ -279,7 +279,7 @@ def _histories(rng, layers=("conv1", "layer1.0.conv1", "fc"), n=8):
 
 def test_default_selection_takes_the_latest_finished_run_of_each_variant(mlflow_store):
     rng = np.random.default_rng(5)
-    c, exp = mlflow_store.client, mlflow_store.default_experiment_id()
+    c, exp = mlflow_store.client, mlflow_store.project_experiment_id()
     mk = lambda variant, status="FINISHED": make_training_run(  # noqa: E731
         c, exp, variant, _histories(rng), 4, status=status).run_id
     mk("noskip"), mk("skip")  # older FINISHED
@@ -292,7 +292,7 @@ def test_default_selection_takes_the_latest_finished_run_of_each_variant(mlflow_
 
 def test_default_selection_takes_the_skip_run_of_the_same_model_as_the_noskip_run(mlflow_store):
     rng = np.random.default_rng(6)
-    c, exp = mlflow_store.client, mlflow_store.default_experiment_id()
+    c, exp = mlflow_store.client, mlflow_store.project_experiment_id()
     skip_same = make_training_run(c, exp, "skip", _histories(rng), 4).run_id
     noskip = make_training_run(c, exp, "noskip", _histories(rng), 4).run_id
     make_training_run(c, exp, "skip", _histories(rng), 4, model="resnet18")  # newest skip
@@ -303,7 +303,7 @@ def test_default_selection_takes_the_skip_run_of_the_same_model_as_the_noskip_ru
 @pytest.mark.parametrize("order", ["noskip,skip", "skip,noskip"])
 def test_explicit_run_ids_are_compared_whatever_their_order_and_age(mlflow_store, order):
     rng = np.random.default_rng(7)
-    c, exp = mlflow_store.client, mlflow_store.default_experiment_id()
+    c, exp = mlflow_store.client, mlflow_store.project_experiment_id()
     chosen = {v: make_training_run(c, exp, v, _histories(rng), 4).run_id for v in ("noskip", "skip")}
     for v in ("noskip", "skip"):  # newer runs that the default would take
         make_training_run(c, exp, v, _histories(rng), 4)
@@ -319,7 +319,7 @@ def test_compare_looks_for_runs_in_the_given_experiment(mlflow_store):
     in_other = {v: make_training_run(c, other, v, _histories(rng), 4).run_id
                 for v in ("noskip", "skip")}
     for v in ("noskip", "skip"):  # newer, in Default
-        make_training_run(c, mlflow_store.default_experiment_id(), v, _histories(rng), 4)
+        make_training_run(c, mlflow_store.project_experiment_id(), v, _histories(rng), 4)
     for experiment in ("gradients", other):
         tags = c.get_run(compare.compare(experiment=experiment)).data.tags
         assert tags["compare.noskip_run"] == in_other["noskip"]
@@ -328,7 +328,7 @@ def test_compare_looks_for_runs_in_the_given_experiment(mlflow_store):
 
 def test_default_layers_are_the_layers_both_runs_share(mlflow_store):
     rng = np.random.default_rng(9)
-    c, exp = mlflow_store.client, mlflow_store.default_experiment_id()
+    c, exp = mlflow_store.client, mlflow_store.project_experiment_id()
     make_training_run(c, exp, "noskip", _histories(rng, ("conv1", "layer1.0.conv1", "fc")), 4)
     make_training_run(c, exp, "skip", _histories(rng, ("conv1", "layer2.0.conv2", "fc")), 4)
     cid = compare.compare()
@@ -352,10 +352,10 @@ def test_explicit_layers_restrict_the_comparison_to_those_layers(compared):
 
 def test_explicit_layers_that_one_run_lacks_are_refused_before_a_run_is_created(mlflow_store):
     make_pair(mlflow_store)
-    before = len(mlflow_store.client.search_runs([mlflow_store.default_experiment_id()]))
+    before = len(mlflow_store.client.search_runs([mlflow_store.project_experiment_id()]))
     with pytest.raises(QueryError, match="layer4.2.conv3"):
         compare.compare(layers=["conv1", "layer4.2.conv3"])
-    assert len(mlflow_store.client.search_runs([mlflow_store.default_experiment_id()])) == before
+    assert len(mlflow_store.client.search_runs([mlflow_store.project_experiment_id()])) == before
 
 
 # --- bad input through the command line -------------------------------------------------------------
@@ -366,13 +366,13 @@ def _case_unknown_run(store: Store) -> list[str]:
 
 def _case_no_grad_norms(store: Store) -> list[str]:
     runs = make_pair(store)
-    empty = make_training_run(store.client, store.default_experiment_id(), "skip", {}, 4)
+    empty = make_training_run(store.client, store.project_experiment_id(), "skip", {}, 4)
     return ["--runs", f"{runs['noskip'].run_id},{empty.run_id}"]
 
 
 def _case_no_shared_layers(store: Store) -> list[str]:
     rng = np.random.default_rng(3)
-    c, exp = store.client, store.default_experiment_id()
+    c, exp = store.client, store.project_experiment_id()
     make_training_run(c, exp, "noskip", {"conv1": level(rng, 1, 6), "layer1.0.conv1": level(rng, 1, 6)}, 3)
     make_training_run(c, exp, "skip", {"layer2.0.conv2": level(rng, 1, 6), "fc": level(rng, 1, 6)}, 3)
     return []  # the default selection finds them
@@ -380,7 +380,7 @@ def _case_no_shared_layers(store: Store) -> list[str]:
 
 def _case_missing_variant(store: Store) -> list[str]:
     rng = np.random.default_rng(4)
-    make_training_run(store.client, store.default_experiment_id(), "noskip",
+    make_training_run(store.client, store.project_experiment_id(), "noskip",
                       {"conv1": level(rng, 1, 6), "fc": level(rng, 1, 6)}, 3)
     return []
 
@@ -469,7 +469,7 @@ def test_compare_of_real_training_runs_agrees_with_their_metric_histories_and_js
         per_epoch = read_csv(store, cid, "per_epoch.csv")
         for variant, run_id in (("noskip", trained_pair.noskip), ("skip", trained_pair.skip)):
             run = client.get_run(run_id)
-            layers = run.data.params["layers"].split(",")
+            layers = run.data.tags["layers.resolved"].split(",")  # the param is `auto`
             spe = int(run.data.tags["steps_per_epoch"])
             hist = {layer: np.array([p.value for p in sorted(
                 client.get_metric_history(run_id, f"grad_norm/{layer}"), key=lambda p: p.step)])
@@ -499,7 +499,7 @@ def test_compare_of_real_training_runs_agrees_with_their_metric_histories_and_js
 @pytest.mark.slow
 def test_mlflow_run_compare_entry_point_leaves_a_finished_compare_run(mlflow_store):
     runs = make_pair(mlflow_store)
-    exp = mlflow_store.default_experiment_id()
+    exp = mlflow_store.project_experiment_id()
     before = {r.info.run_id for r in mlflow_store.client.search_runs([exp])}
     proc = run_mlflow(mlflow_store, "compare")
     assert proc.returncode == 0, describe(proc)

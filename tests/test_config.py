@@ -90,7 +90,7 @@ def test_skip_maybe_is_refused_naming_skip_and_every_allowed_value():
     ("lr", "-1"), ("lr", "abc"), ("lr", "0"), ("lr", "nan"), ("lr", "inf"), ("lr", ""),
     ("image_size", "7"), ("image_size", "31"),
     ("seed", "-1"),
-    ("model", "vgg19"), ("model", ""),
+    ("model", "alexnet"), ("model", ""),
     ("dataset", "mnist"),
     ("optimizer", "rmsprop"),
     ("device", "tpu"),

@@ -319,6 +319,15 @@ def test_a_tampered_cifar_file_is_refused_and_reported_as_missing_data(fake_cifa
     assert str(excinfo.value).startswith("data_dir:")
 
 
+def test_a_truncated_cifar_batch_file_is_refused_in_one_line_naming_data_dir(fake_cifar10):
+    root, _ = fake_cifar10
+    path = root / "cifar-10-batches-py" / "data_batch_1"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DataError) as excinfo:
+        build(cfg_for(dataset="cifar10", data_dir=root), CPU)
+    assert str(excinfo.value).startswith("data_dir:") and "\n" not in str(excinfo.value)
+
+
 def test_missing_cifar10_without_network_is_one_line_naming_data_dir_and_the_alternatives(
         tmp_path, monkeypatch):
     # The real download code runs against a local port that refuses connections: the same

@@ -333,7 +333,7 @@ def test_query_run_config_returns_params_that_parse_back_to_the_same_config(plai
 
 def test_query_run_config_of_a_run_without_config_json_says_so(store):
     client = mlflow.MlflowClient()
-    run = client.create_run(store.default_experiment_id(), run_name="not-a-training-run")
+    run = client.create_run(store.project_experiment_id(), run_name="not-a-training-run")
     client.set_terminated(run.info.run_id)
     with pytest.raises(query.QueryError, match=names.CONFIG_JSON):
         query.run_config(run.info.run_id)
@@ -385,7 +385,7 @@ def test_rerun_trains_a_new_finished_run_whose_norms_and_losses_are_bitwise_equa
     assert proc.returncode == 0, describe_process(proc)
 
     client = mlflow.MlflowClient()
-    reruns = client.search_runs([store.default_experiment_id()],
+    reruns = client.search_runs([store.project_experiment_id()],
                                 f"tags.`{names.RERUN_OF_TAG}` = '{original}'")
     assert len(reruns) == 1, describe_process(proc)
     new = reruns[0]
@@ -394,7 +394,7 @@ def test_rerun_trains_a_new_finished_run_whose_norms_and_losses_are_bitwise_equa
     assert new.data.params == client.get_run(original).data.params
 
     before, after = norm_and_loss_histories(original), norm_and_loss_histories(new.info.run_id)
-    assert len(before) == len(Config().layers) + 1
+    assert len(before) == len(train.resolve_layers(Config())) + 1
     assert set(after) == set(before)
     for key, points in before.items():
         assert [s for s, _ in points] == list(range(CLI_STEPS)), key
@@ -410,7 +410,7 @@ def test_rerun_of_an_unknown_run_id_exits_2_with_one_error_line(store):
     assert len(lines) == 1 and lines[0].startswith("error:"), describe_process(proc)
     assert unknown in lines[0]
     assert not mlflow.MlflowClient().search_runs(
-        [store.default_experiment_id()], f"tags.`{names.RERUN_OF_TAG}` = '{unknown}'")
+        [store.project_experiment_id()], f"tags.`{names.RERUN_OF_TAG}` = '{unknown}'")
 
 
 # --- 5. the CPU estimate ----------------------------------------------------------------------

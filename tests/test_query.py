@@ -30,7 +30,7 @@ def mixed_experiment(mlflow_store):
     """Default experiment: four training runs (two per variant, one RUNNING, one with another
     model and seed) and two runs that are not training runs (a compare and an `all` run)."""
     rng = np.random.default_rng(1)
-    exp = mlflow_store.default_experiment_id()
+    exp = mlflow_store.project_experiment_id()
     c = mlflow_store.client
     runs = {
         "noskip_old": make_training_run(c, exp, "noskip", _histories(rng, 6), 3, seed=1),
@@ -106,7 +106,7 @@ def test_find_runs_takes_an_experiment_by_name_or_id_and_defaults_to_the_current
     rng = np.random.default_rng(2)
     c = mlflow_store.client
     other = c.create_experiment("other-experiment")
-    in_default = make_training_run(c, mlflow_store.default_experiment_id(), "skip",
+    in_default = make_training_run(c, mlflow_store.project_experiment_id(), "skip",
                                    _histories(rng, 4), 2)
     in_other = make_training_run(c, other, "noskip", _histories(rng, 4), 2)
     assert _ids(query.find_runs()) == [in_default.run_id]
@@ -116,7 +116,7 @@ def test_find_runs_takes_an_experiment_by_name_or_id_and_defaults_to_the_current
 
 def test_find_runs_on_an_experiment_without_training_runs_is_empty(mlflow_store):
     c = mlflow_store.client
-    make_plain_run(c, mlflow_store.default_experiment_id(), "compare-resnet50")
+    make_plain_run(c, mlflow_store.project_experiment_id(), "compare-resnet50")
     assert len(query.find_runs()) == 0
     c.create_experiment("empty")
     assert len(query.find_runs("empty")) == 0
@@ -200,7 +200,7 @@ def test_gradient_history_of_an_unknown_run_raises_a_one_line_error_naming_it(ml
 
 
 def test_gradient_history_of_a_run_without_grad_norm_metrics_raises_query_error(mlflow_store):
-    run_id = make_plain_run(mlflow_store.client, mlflow_store.default_experiment_id(), "other")
+    run_id = make_plain_run(mlflow_store.client, mlflow_store.project_experiment_id(), "other")
     with pytest.raises(QueryError) as err:
         query.gradient_history(run_id)
     assert run_id in str(err.value) and "grad_norm" in str(err.value)

@@ -1,0 +1,75 @@
+"""Checkpoints: everything a resumed run needs to continue as if it had never stopped.
+
+A checkpoint holds the model, the optimizer, the global step, the epoch, the position in
+that epoch's data order (the data sampler's RNG state at the epoch's start plus the number
+of batches done), the process RNG states, and the run's parameters. Resuming from it
+replays the same batches into the same weights, so on a CPU a resumed run's weights and
+metrics equal an uninterrupted run's bit for bit (tests/test_reliability.py).
+
+Files live in ``<checkpoint_dir>/<run_id>/last.pt``, written atomically (a temporary file,
+then a rename), so a crash mid-write leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FILENAME = "last.pt"
+
+
+def path_for(checkpoint_dir: str, run_id: str) -> Path:
+    return Path(checkpoint_dir) / run_id / FILENAME
+
+
+@dataclass
+class Position:
+    """Where training stands: ``step`` batches done in all; ``batch`` of them in ``epoch``."""
+
+    step: int
+    epoch: int
+    batch: int
+    order_state: torch.Tensor      # the data sampler's generator state at ``epoch``'s start
+
+
+def save(path: Path, model, optimizer, position: Position, params: dict[str, str],
+         extra: dict | None = None) -> Path:
+    """Write the checkpoint (a device sync: it reads every weight). Returns the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "position": {"step": position.step, "epoch": position.epoch, "batch": position.batch,
+                     "order_state": position.order_state.clone()},
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        "params": params,
+        **(extra or {}),
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load(path: Path, model, optimizer, device: torch.device) -> tuple[Position, dict]:
+    """Restore the model, optimizer and RNG states in place; returns the position and the
+    whole checkpoint (for its params)."""
+    # weights_only=False: the file holds numpy and Python RNG states, and it is our own
+    # file, written by save() above, found by run ID in the user's checkpoint folder.
+    state = torch.load(path, map_location=device, weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    p = state["position"]
+    return Position(p["step"], p["epoch"], p["batch"], p["order_state"]), state

@@ -1,0 +1,182 @@
+"""Every probed layer at every step: the dense record, its diagnosis, and the metric split.
+
+The probes measure every layer in ``layers`` at every step. What leaves the run:
+
+* ``gradients/norms.npz`` (``names.NORMS_NPZ``), written at the end from the chunks the
+  probes read back, with the schema below. On a resumed run it covers the steps trained
+  since the resume only (``steps[0]`` = the ``resume.from_step`` tag): the steps before it
+  were read back by another process, and the metrics keep only some layers of them.
+* ``grad_norm/<layer>`` metrics: the *every-step* layers at every step, the others (with
+  ``layers=all``) every ``metric_every`` steps. The writer is given a reduced chunk
+  (``MetricColumns``) with the every-step columns; the thinned points are collected in the
+  writer thread and sent by the training thread (``Collector.pending``), so the training
+  loop never waits for the device.
+* ``gradient.*`` and ``loss.at_chance`` tags (``diagnose``), and the console warning when the
+  network dies.
+
+Schema of ``gradients/norms.npz`` (``numpy.load``; no pickles)::
+
+    steps   int64   [S]     global step (batch index from 0) of each row
+    layers  str     [L]     probed module names, in forward (call) order
+    norms   float64 [S, L]  L2 norm of dLoss/d(layer output) at that step
+    loss    float64 [S]     the training loss of that step
+"""
+from __future__ import annotations
+
+import math
+import sys
+from typing import Callable
+
+import numpy as np
+
+from . import names
+from .compare import DEAD_ZERO_FRACTION, status
+
+# loss.at_chance: the median loss of the last LOSS_TAIL of the steps is within
+# CHANCE_TOLERANCE (relative) of ln(num_classes), a uniform guess's cross-entropy.
+LOSS_TAIL = 0.10
+CHANCE_TOLERANCE = 0.01
+# The console says the network died after this many consecutive steps read back with every
+# layer below the head at exactly zero gradient.
+DEAD_STEPS = 20
+
+
+def every_step_layers(layers: tuple[str, ...], wanted: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The layers logged as metrics every step: ``wanted`` (the five defaults with
+    ``layers=all``) in ``layers``' order, or all of ``layers`` when ``wanted`` is None."""
+    if wanted is None:
+        return tuple(layers)
+    return tuple(layer for layer in layers if layer in set(wanted))
+
+
+class MetricColumns:
+    """A probes.Chunk as the metric writer sees it: the every-step columns and the loss.
+
+    ``values()`` runs in the writer thread: it waits for the device copy (as Chunk.values
+    does), hands the full array to ``sink`` and returns the reduced one.
+    """
+
+    def __init__(self, chunk, columns: list[int], sink: Callable[[int, list[int], np.ndarray], None]):
+        self.chunk, self.columns, self.sink = chunk, columns, sink
+        self.first_step = chunk.first_step
+        self.timestamps_ms = chunk.timestamps_ms
+
+    def values(self) -> np.ndarray:
+        full = self.chunk.values()
+        self.sink(self.first_step, self.timestamps_ms, full)
+        return full[:, self.columns]
+
+
+class Collector:
+    """Keeps every chunk read back (numpy, in order), the thinned metric points, and warns
+    once when every layer below the head reads exactly zero for DEAD_STEPS steps."""
+
+    def __init__(self, layers: tuple[str, ...], every_step: tuple[str, ...], metric_every: int,
+                 then: Callable[[np.ndarray], None] | None = None,
+                 warn: Callable[[str], None] | None = None):
+        self.layers = list(layers)
+        self.metric_every = metric_every
+        self.then = then
+        self.warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+        keep = set(every_step)
+        self.columns = [i for i, layer in enumerate(self.layers) if layer in keep] + [len(self.layers)]
+        self.thinned = [i for i, layer in enumerate(self.layers) if layer not in keep]
+        self.chunks: list[tuple[int, np.ndarray]] = []
+        self.pending: list[tuple[int, int, dict[str, float]]] = []  # (step, ms, {key: value})
+        self.zero_run = 0
+        self.died_at: int | None = None
+
+    def wrap(self, chunk):
+        return None if chunk is None else MetricColumns(chunk, self.columns, self)
+
+    def __call__(self, first_step: int, timestamps_ms: list[int], values: np.ndarray) -> None:
+        self.chunks.append((first_step, values))
+        if self.thinned:
+            for r, ts in enumerate(timestamps_ms[:len(values)]):
+                step = first_step + r
+                if step % self.metric_every == 0:
+                    self.pending.append((step, ts, {names.grad_norm(self.layers[c]): float(values[r, c])
+                                                    for c in self.thinned}))
+        self._watch_death(first_step, values)
+        if self.then is not None:
+            self.then(values)
+
+    def _watch_death(self, first_step: int, values: np.ndarray) -> None:
+        if self.died_at is not None or len(self.layers) < 2:
+            return
+        for r, dead in enumerate((values[:, :len(self.layers) - 1] == 0).all(axis=1)):
+            self.zero_run = self.zero_run + 1 if dead else 0
+            if self.zero_run >= DEAD_STEPS:
+                self.died_at = first_step + r - DEAD_STEPS + 1
+                self.warn(f"warning: the network died at step {self.died_at}: every layer below "
+                          f"{self.layers[-1]} has had exactly zero gradient for {DEAD_STEPS} "
+                          "steps (it no longer learns)")
+                return
+
+    def take_pending(self) -> list[tuple[int, int, dict[str, float]]]:
+        """The thinned points collected so far (list.pop is atomic: safe beside the writer)."""
+        out = []
+        while self.pending:
+            out.append(self.pending.pop(0))
+        return out
+
+    def dense(self) -> dict[str, np.ndarray]:
+        """The npz arrays (schema in the module docstring), rows in step order."""
+        rows = sorted(self.chunks, key=lambda c: c[0])
+        L = len(self.layers)
+        if rows:
+            steps = np.concatenate([np.arange(s, s + len(v), dtype=np.int64) for s, v in rows])
+            table = np.concatenate([v for _, v in rows]).astype(np.float64)
+        else:
+            steps, table = np.zeros(0, dtype=np.int64), np.zeros((0, L + 1))
+        return {"steps": steps, "layers": np.array(self.layers, dtype=str),
+                "norms": table[:, :L], "loss": table[:, L]}
+
+
+def save_npz(path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:
+        np.savez_compressed(f, **arrays)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def diagnose(steps, layers, norms, loss, num_classes: int) -> dict[str, str]:
+    """The ``gradient.*`` and ``loss.at_chance`` tags from a dense history (README, "What a
+    training run logs", has the rules). Thresholds are compare.py's."""
+    norms = np.asarray(norms, dtype=np.float64).reshape(len(steps), len(layers))
+    loss = np.asarray(loss, dtype=np.float64)
+    tags: dict[str, str] = {}
+    if not len(steps) or not len(layers):
+        return {names.HEALTH_TAG: "unknown"}
+    below_head = norms[:, :-1] if len(layers) > 1 else np.zeros((len(steps), 0))
+    zero_steps = float((below_head == 0).all(axis=1).mean()) if below_head.shape[1] else 0.0
+    medians = np.median(norms, axis=0)
+    zero = (norms == 0).mean(axis=0)
+    reference = float(medians[-1])  # the head: the layer nearest the loss
+    statuses = [status(float(m), float(z), reference) for m, z in zip(medians, zero)]
+    # Walking from the head toward the input, as the gradient flows: the first layer whose
+    # gradient is gone (Vanishing or Dead by compare.py's rules).
+    first_vanishing = next((layers[i] for i in range(len(layers) - 1, -1, -1)
+                            if statuses[i] in ("Vanishing", "Dead")), "none")
+    if zero_steps >= DEAD_ZERO_FRACTION:
+        health = "dead"
+    elif "Exploding" in statuses:
+        health = "exploding"
+    elif first_vanishing != "none":
+        health = "vanishing"
+    else:
+        health = "healthy"
+    ratio = medians[0] / reference if reference > 0 else math.inf if medians[0] > 0 else math.nan
+    tags[names.HEALTH_TAG] = health
+    tags[names.FIRST_VANISHING_TAG] = first_vanishing
+    tags[names.FIRST_TO_LAST_TAG] = _fmt(ratio)
+    tags[names.ZERO_STEP_FRACTION_TAG] = _fmt(zero_steps)
+    finite = loss[np.isfinite(loss)]
+    if len(finite):
+        tail = finite[-max(1, int(math.ceil(len(finite) * LOSS_TAIL))):]
+        chance = math.log(num_classes)
+        at_chance = abs(float(np.median(tail)) - chance) <= CHANCE_TOLERANCE * chance
+        tags[names.AT_CHANCE_TAG] = str(at_chance).lower()
+    return tags

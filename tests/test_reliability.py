@@ -1,0 +1,181 @@
+"""Long runs survive crashes, signals and NaNs, and lose nothing (issue 5, parts 1, 2, 4, 5).
+
+Every test drives a real ``python -m pipeline train`` process against a real SQLite store:
+it is killed with SIGKILL and resumed, or sent SIGINT/SIGTERM, or driven into NaNs with an
+absurd learning rate. Sizes are tiny (32 px, batches of 4) so each run takes seconds.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import math
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from pipeline import checkpoint, names
+
+from conftest import describe_process, run_pipeline, subprocess_env
+
+# 40 images in batches of 4: 10 steps per epoch; 2 epochs = 20 steps.
+TINY = ["--dataset", "synthetic", "--image-size", "32", "--synthetic-size", "40",
+        "--synthetic-test-size", "8", "--batch-size", "4", "--num-workers", "0",
+        "--device", "cpu", "--flush-every", "2", "--log-model", "false"]
+EXACT_KEYS = [names.TRAIN_LOSS, names.TRAIN_ACCURACY, names.TEST_ACCURACY, names.TEST_LOSS,
+              "grad_norm/conv1", "grad_norm/layer1.0.conv1", "grad_norm/fc"]
+
+
+def all_runs(client: MlflowClient):
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def start_training(store, *args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "train", *TINY, *args],
+                            cwd=store.dir, env=subprocess_env(store), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for_steps(store, proc: subprocess.Popen, at_least: int, timeout: float = 120) -> str:
+    """Poll the store until the running run has ``at_least`` train/loss points; its ID."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"training ended early:\n{proc.communicate()[1][-3000:]}"
+        runs = [r for r in all_runs(store.client) if r.info.status == "RUNNING"]
+        if runs and len(store.client.get_metric_history(runs[0].info.run_id,
+                                                         names.TRAIN_LOSS)) >= at_least:
+            return runs[0].info.run_id
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"no {at_least} steps within {timeout} s")
+
+
+def final_weights(store, run_id: str) -> dict[str, torch.Tensor]:
+    state = torch.load(checkpoint.path_for(store.dir / "checkpoints", run_id), weights_only=False)
+    return state["model"]
+
+
+# --- 1. checkpoints and resume -----------------------------------------------------------
+@pytest.mark.slow
+def test_a_run_killed_mid_epoch_and_resumed_equals_an_uninterrupted_run_bit_for_bit(tracking_store):
+    store = tracking_store
+    plan = ["--epochs", "2", "--checkpoint-every", "3"]
+    proc = run_pipeline(["train", *TINY, *plan], cwd=store.dir, store=store, timeout=300)
+    assert proc.returncode == 0, describe_process(proc)
+    (reference,) = all_runs(store.client)
+
+    victim = start_training(store, *plan)
+    run_id = wait_for_steps(store, victim, at_least=8)  # inside epoch 1 (steps 0..9)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert store.client.get_run(run_id).info.status == "RUNNING"  # nobody ended it
+
+    proc = run_pipeline(["train", "--resume", run_id, "--device", "cpu"], cwd=store.dir,
+                        store=store, timeout=300)
+    assert proc.returncode == 0, describe_process(proc)
+    resumed = store.client.get_run(run_id)
+    assert resumed.info.status == "FINISHED"
+    assert int(resumed.data.tags[names.RESUMED_AT_TAG]) in (6, 9)  # a checkpoint every 3
+    assert len(all_runs(store.client)) == 2  # the same run went on; no new one
+    for key in EXACT_KEYS:
+        got, want = history(store.client, run_id, key), history(store.client, reference.info.run_id, key)
+        assert [s for s, _ in got] == [s for s, _ in want], f"{key}: steps missing or repeated"
+        assert got == want, key
+    a, b = final_weights(store, run_id), final_weights(store, reference.info.run_id)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_of_an_unknown_run_is_one_line_naming_resume_before_any_data_work(tracking_store):
+    proc = run_pipeline(["train", "--resume", "0123456789abcdef0123456789abcdef", "--dataset",
+                         "cifar10", "--data-dir", "nowhere"], cwd=tracking_store.dir,
+                        store=tracking_store)
+    assert proc.returncode == 2, describe_process(proc)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: resume:"), describe_process(proc)
+    assert not (tracking_store.dir / "nowhere").exists()
+
+
+@pytest.mark.slow
+def test_resume_of_a_run_of_another_model_is_refused_naming_both_models(tracking_store):
+    proc = run_pipeline(["train", *TINY, "--model", "resnet18", "--max-steps", "1"],
+                        cwd=tracking_store.dir, store=tracking_store, timeout=180)
+    assert proc.returncode == 0, describe_process(proc)
+    (run,) = all_runs(tracking_store.client)
+    proc = run_pipeline(["train", "--resume", run.info.run_id, "--model", "resnet50",
+                         "--dataset", "cifar10", "--data-dir", "nowhere"],
+                        cwd=tracking_store.dir, store=tracking_store)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: resume:"), describe_process(proc)
+    assert "resnet18" in errors[0] and "resnet50" in errors[0]
+    assert not (tracking_store.dir / "nowhere").exists()
+
+
+# --- 2. interruption ---------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_finishes_the_step_flushes_checkpoints_and_ends_the_run_killed(tracking_store, sig, code):
+    store = tracking_store
+    proc = start_training(store, "--epochs", "5")
+    run_id = wait_for_steps(store, proc, at_least=4)
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err[-3000:]
+    assert time.monotonic() - sent < 20  # "within a few seconds" (a step is ~0.2 s here)
+    run = store.client.get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert signal.Signals(sig).name in run.data.tags[names.ERROR_TAG]
+    steps = [s for s, _ in history(store.client, run_id, names.TRAIN_LOSS)]
+    assert steps == list(range(len(steps)))  # flushed: every step done, once, in order
+    state = torch.load(checkpoint.path_for(store.dir / "checkpoints", run_id), weights_only=False)
+    assert state["position"]["step"] == len(steps)  # the checkpoint is after the last step
+    assert f"-P resume={run_id}" in err
+
+
+# --- 4. numerical faults ---------------------------------------------------------------------
+# SGD at lr 1e8 overflows within two steps on these images: a real NaN, not an injected one.
+EXPLODE = ["--optimizer", "sgd", "--lr", "1e8", "--skip", "true", "--epochs", "2"]
+
+
+@pytest.mark.slow
+def test_on_nan_stop_records_the_nan_keeps_a_checkpoint_from_before_and_fails_the_run(tracking_store):
+    store = tracking_store
+    proc = run_pipeline(["train", *TINY, *EXPLODE], cwd=store.dir, store=store, timeout=180)
+    assert proc.returncode == 2, describe_process(proc)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "on_nan=stop" in errors[0]
+    (run,) = all_runs(store.client)
+    assert run.info.status == "FAILED" and "on_nan=stop" in run.data.tags[names.ERROR_TAG]
+    assert int(run.data.tags[names.NONFINITE_COUNT_TAG]) > 0
+    first_bad = int(run.data.tags[names.NONFINITE_FIRST_TAG].rsplit(" ", 1)[1])
+    recorded = dict(history(store.client, run.info.run_id, names.grad_norm("conv1")))
+    assert math.isnan(recorded[first_bad]) or math.isinf(recorded[first_bad]) or any(
+        not math.isfinite(v) for s, v in history(store.client, run.info.run_id, names.TRAIN_LOSS)
+        if s == first_bad)
+    state = torch.load(checkpoint.path_for(store.dir / "checkpoints", run.info.run_id),
+                       weights_only=False)
+    assert state["position"]["step"] <= first_bad  # from before the bad step
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+@pytest.mark.slow
+def test_on_nan_continue_records_and_counts_nans_and_finishes(tracking_store):
+    store = tracking_store
+    proc = run_pipeline(["train", *TINY, *EXPLODE, "--on-nan", "continue", "--max-steps", "6"],
+                        cwd=store.dir, store=store, timeout=180)
+    assert proc.returncode == 0, describe_process(proc)
+    (run,) = all_runs(store.client)
+    assert run.info.status == "FINISHED"
+    assert int(run.data.tags[names.NONFINITE_COUNT_TAG]) > 0
+    losses = history(store.client, run.info.run_id, names.TRAIN_LOSS)
+    assert [s for s, _ in losses] == list(range(6))
+    assert any(not math.isfinite(v) or abs(v) > 1e300 for _, v in losses)
