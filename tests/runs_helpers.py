@@ -31,6 +31,8 @@ import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from pipeline.config import DEFAULT_EXPERIMENT
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # `mlflow run --env-manager local` runs the entry point's `python` from PATH, so the venv
 # that runs these tests goes first on PATH for every subprocess.
@@ -51,8 +53,6 @@ class Store:
 
     def project_experiment_id(self) -> str:
         """The experiment runs go to by default (``gradient-flow``), created if missing."""
-        from pipeline.config import DEFAULT_EXPERIMENT
-
         found = self.client.get_experiment_by_name(DEFAULT_EXPERIMENT)
         return found.experiment_id if found else self.client.create_experiment(DEFAULT_EXPERIMENT)
 
@@ -308,8 +308,10 @@ def run_mlflow(store: Store, entry_point: str, params: Mapping[str, str] | None 
            "-e", entry_point]
     for k, v in (params or {}).items():
         cmd += ["-P", f"{k}={v}"]
-    return subprocess.run(cmd, cwd=store.dir, env=subprocess_env(store), capture_output=True,
-                          text=True, timeout=timeout)
+    # As the README (and `make run`) has it: `mlflow run` opens its run in this experiment.
+    env = {**subprocess_env(store), "MLFLOW_EXPERIMENT_NAME": DEFAULT_EXPERIMENT}
+    return subprocess.run(cmd, cwd=store.dir, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def describe(proc: subprocess.CompletedProcess) -> str:

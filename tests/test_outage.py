@@ -413,3 +413,25 @@ def test_end_of_run_writes_and_the_model_wait_in_the_spool(server, tmp_path, mon
         mlflow.set_tracking_uri(None)
     with torch.no_grad():
         torch.testing.assert_close(loaded(example), output)
+
+
+@pytest.mark.timeout(900)
+def test_five_runs_logging_at_once_into_one_server_lose_no_point(server, tmp_path):
+    # Five first runs against a fresh server: they also race to create the `gradient-flow`
+    # experiment, and SQLite behind the server serialises their writes ("database is
+    # locked" becomes a 5xx, which the outbox retries with backoff).
+    server.start()
+    steps = 6
+    procs = [train_process(server, tmp_path / f"run{i}", steps, tmp_path / f"spool{i}",
+                           PIPELINE_SYNC_TIMEOUT="120") for i in range(5)]
+    results = [finish(proc, err, timeout=600) for proc, err in procs]
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "database is locked" not in result.stderr
+    client = server.client
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 5
+    assert {e.name for e in client.search_experiments()} >= {"gradient-flow"}
+    for run in runs:
+        assert_complete(server, run.info.run_id, steps, tmp_path / run.info.run_id)
+    assert not any(list((tmp_path / f"spool{i}").glob("*/journal.jsonl")) for i in range(5))
