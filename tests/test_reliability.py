@@ -1,6 +1,7 @@
 """Long runs survive crashes, signals and NaNs, and lose nothing (issue 5, parts 1, 2, 4, 5).
 
-Every test drives a real ``python -m pipeline train`` process against a real SQLite store:
+Every test drives a real ``python -m pipeline train`` process against a real ``mlflow
+server`` (SQLite behind it) that the test starts on 127.0.0.1:
 it is killed with SIGKILL and resumed, or sent SIGINT/SIGTERM, or driven into NaNs with an
 absurd learning rate. Sizes are tiny (32 px, batches of 4) so each run takes seconds.
 """
@@ -21,6 +22,8 @@ from mlflow import MlflowClient
 from pipeline import checkpoint, names
 
 from conftest import describe_process, run_pipeline, subprocess_env
+from runs_helpers import RUN_VARS, Store
+from test_outage import MlflowServer
 
 # 40 images in batches of 4: 10 steps per epoch; 2 epochs = 20 steps.
 TINY = ["--dataset", "synthetic", "--image-size", "32", "--synthetic-size", "40",
@@ -28,6 +31,22 @@ TINY = ["--dataset", "synthetic", "--image-size", "32", "--synthetic-size", "40"
         "--device", "cpu", "--flush-every", "2", "--log-model", "false"]
 EXACT_KEYS = [names.TRAIN_LOSS, names.TRAIN_ACCURACY, names.TEST_ACCURACY, names.TEST_LOSS,
               "grad_norm/conv1", "grad_norm/layer1.0.conv1", "grad_norm/fc"]
+
+
+@pytest.fixture
+def tracking_store(tmp_path, monkeypatch):
+    """A real `mlflow server` for this test; training processes run in ``tmp_path`` (their
+    checkpoints land in ``tmp_path/checkpoints``) with MLFLOW_TRACKING_URI pointing at it."""
+    server = MlflowServer(tmp_path / "server")
+    server.start()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    for var in RUN_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    try:
+        yield Store(tmp_path, server.url)
+    finally:
+        server.kill()
 
 
 def all_runs(client: MlflowClient):
