@@ -323,3 +323,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for_health(url: str, proc: subprocess.Popen, log, timeout: float = 120,
+                    poll: float = 0.2) -> None:
+    """Until ``url``/health answers 200; fails with ``log()`` (the server's output) if the
+    process ``proc`` exits first or ``timeout`` s pass."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log()}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"mlflow server did not answer /health within {timeout:.0f} s:\n{log()}")
+        time.sleep(poll)

@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -29,7 +28,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import describe_process, subprocess_env
 from pipeline import names
-from runs_helpers import free_port
+from runs_helpers import free_port, wait_for_health
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -95,20 +94,7 @@ class MlflowServer:
             self.wait_until_healthy()
 
     def wait_until_healthy(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not answer /health within {timeout:.0f} s:\n"
-                            f"{self.log()}")
-            time.sleep(0.2)
+        wait_for_health(self.url, self.proc, self.log, timeout)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is None:

@@ -32,7 +32,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import describe_process, subprocess_env
-from runs_helpers import REPO_ROOT, RUN_VARS, Store, free_port
+from runs_helpers import REPO_ROOT, RUN_VARS, Store, free_port, wait_for_health
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -169,22 +169,8 @@ class TeamServer:
         return MlflowClient(tracking_uri=self.url)
 
     def wait_until_healthy(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"make server exited with {self.proc.returncode}:\n"
-                            f"{self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not answer /health within {timeout:.0f} s:\n"
-                            f"{self.log.read_text()[-3000:]}")
-            time.sleep(0.3)
-
+        wait_for_health(self.url, self.proc, lambda: self.log.read_text()[-3000:], timeout,
+                        poll=0.3)
 
 def stop(proc: subprocess.Popen) -> None:
     """make, its shell, mlflow server and its workers: one process group, ours."""
