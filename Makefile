@@ -10,7 +10,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 P       ?=
 
-.PHONY: run test test-slow bench bench-compare install install-test install-server server clean-venv
+.PHONY: run test test-slow bench bench-ddp bench-compare install install-test install-server server clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,10 @@ test-slow: install-test
 # On a GPU ~3 min; BENCH_ARGS="--quick" runs tiny sizes on a CPU in about a minute (CI).
 bench: install
 	$(BIN)/python bench/train_step.py $(BENCH_ARGS)
+
+# DDP overhead: the training step on 2 gloo ranks against 1 process, on the CPU (BENCHMARKS.md).
+bench-ddp: install
+	$(BIN)/python bench/ddp.py $(BENCH_ARGS)
 
 # Times the compare step on two full-size runs (see BENCHMARKS.md); ~40 s.
 bench-compare: install

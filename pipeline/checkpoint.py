@@ -73,3 +73,8 @@ def load(path: Path, model, optimizer, device: torch.device) -> tuple[Position, 
         torch.cuda.set_rng_state_all(rng["cuda"])
     p = state["position"]
     return Position(p["step"], p["epoch"], p["batch"], p["order_state"]), state
+
+
+def read_params(path: Path) -> dict[str, str]:
+    """The run parameters a checkpoint was written with (loads the file on the CPU)."""
+    return torch.load(path, map_location="cpu", weights_only=False)["params"]

@@ -12,27 +12,32 @@ import sys
 
 import click
 
-from . import config
+from . import config, distributed
 
 EXIT_USAGE = 2  # bad input, as click and argparse use
 
 
-def _options(cls, exclude: tuple[str, ...] = ()):
-    """One ``--dashed-name`` string option per dataclass field; default None = the field's."""
+def _options(cls, exclude: tuple[str, ...] = (), defaults: dict | None = None):
+    """One ``--dashed-name`` string option per dataclass field; default None = the field's
+    (or ``defaults[name]``, which the command then applies: the sweep's one epoch)."""
     def decorate(func):
         for f in reversed(config.fields(cls)):
             if f.name in exclude:
                 continue
+            default = (defaults or {}).get(f.name, f.default)
             metavar = {"int": "INT", "float": "FLOAT", "bool": "BOOL"}.get(f.type, "TEXT")
             func = click.option(f"--{f.name.replace('_', '-')}", f.name, type=str, default=None,
                                 metavar=metavar, help=f"{f.metadata['help']} "
-                                f"[default: {config.format_value(f.default)}]")(func)
+                                f"[default: {config.format_value(default)}]")(func)
         return func
     return decorate
 
 
 def _refuse(message: str):
-    """One line on stderr, the pending MLflow run marked FAILED, exit 2."""
+    """One line on stderr, the pending MLflow run marked FAILED, exit 2. A DDP rank other
+    than 0 says nothing (rank 0 and the launcher speak for the run)."""
+    if distributed.follower():
+        sys.exit(EXIT_USAGE)
     click.echo(f"error: {message}", err=True)
     if os.environ.get("MLFLOW_RUN_ID"):  # opened for us by `mlflow run`
         from .tracking import fail_pending_run  # mlflow only on this path; no torch
@@ -46,9 +51,14 @@ def _dispatch(action):
         return action()
     except config.UserError as e:  # ConfigError, data.DataError, query.QueryError
         _refuse(str(e))
+    except distributed.RankFailed as e:  # the DDP launcher: a rank failed or was stopped
+        if not e.printed:
+            click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt as e:
-        click.echo(f"interrupted: {e or 'Ctrl-C'}; a run that had started was ended as KILLED",
-                   err=True)
+        if not distributed.follower():
+            click.echo(f"interrupted: {e or 'Ctrl-C'}; a run that had started was ended as KILLED",
+                       err=True)
         sys.exit(128 + getattr(e, "signum", 2))  # the shell's convention: 130 SIGINT, 143 SIGTERM
 
 
@@ -71,7 +81,9 @@ def train(**values: str | None) -> None:
     cfg = _parse(config.Config, values)
     from . import train as train_mod
     run_id = _dispatch(lambda: train_mod.run(cfg))
-    click.echo(f"MLflow run {run_id} ({cfg.run_name}) finished")
+    # Under DDP rank 0's process says it (the launcher's run returns when the ranks have).
+    if run_id and (distributed.launched() or cfg.world_size == 1):
+        click.echo(f"MLflow run {run_id} ({cfg.run_name}) finished")
 
 
 @cli.command()
@@ -109,6 +121,24 @@ def all_(force: str | None, **values: str | None) -> None:
     from . import workflow
     run_id = _dispatch(lambda: workflow.run_all(cfg, opts.force))
     click.echo(f"MLflow run {run_id} (all) finished")
+
+
+@cli.command()
+@_options(config.Config, exclude=config.SWEEP_GRID_FIELDS, defaults=config.SWEEP_TRAIN_DEFAULTS)
+@_options(config.SweepConfig)
+def sweep(**values: str | None) -> None:
+    """Train a grid of models x skip x batch_norm (reusing finished runs), then plot each
+    network's first-layer gradient norm against its depth."""
+    opts = _parse(config.SweepConfig, {f.name: values.pop(f.name)
+                                       for f in config.fields(config.SweepConfig)})
+    for name, default in config.SWEEP_TRAIN_DEFAULTS.items():
+        if values[name] is None:
+            values[name] = config.format_value(default)
+    cfg = _parse(config.Config, values)
+    _dispatch(lambda: opts.cells(cfg))  # every cell checked before torch is imported
+    from . import sweep as sweep_mod
+    run_id = _dispatch(lambda: sweep_mod.run_sweep(cfg, opts))
+    click.echo(f"MLflow run {run_id} (sweep) finished; see its sweep/ artifacts")
 
 
 @cli.command()

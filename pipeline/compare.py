@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
 from . import names, plots, query
 from .config import AUTO
@@ -42,6 +43,11 @@ SUMMARY_MD = f"{ARTIFACT_DIR}/summary.md"
 SUMMARY_CSV = f"{ARTIFACT_DIR}/summary.csv"
 SUMMARY_JSON = f"{ARTIFACT_DIR}/summary.json"
 EPOCHS_CSV = f"{ARTIFACT_DIR}/per_epoch.csv"
+DIFFERENCE_PLOT = names.DIFFERENCE_PLOT
+# gradient_norms.png draws at most this many layer panels (2.3 inches each): with layers=all
+# a ResNet-50 shares 50 layers, a 116-inch figure nobody reads. The tables and the
+# difference heatmap keep every layer.
+PANEL_CAP = 8
 
 
 def status(median: float, zero_fraction: float, reference: float) -> str:
@@ -177,6 +183,68 @@ def summarize(sides: list[Side]) -> tuple[pd.DataFrame, pd.DataFrame]:
     return table, pd.concat(per_epoch, ignore_index=True)
 
 
+def panel_layers(layers: list[str], cap: int = PANEL_CAP) -> list[str]:
+    """At most ``cap`` of ``layers``, evenly spaced across depth, the first and last always
+    among them (input side and head: where skips matter most, and the reference)."""
+    if len(layers) <= cap:
+        return list(layers)
+    picks = np.unique(np.round(np.linspace(0, len(layers) - 1, cap)).astype(int))
+    return [layers[i] for i in picks]
+
+
+def read_difference(runs: dict[str, object], layers: list[str] | None):
+    """``(plots.Difference, "")`` from both runs' ``gradients/norms.npz``, or ``(None,
+    reason)`` when it cannot be drawn. Never raises: the heatmap is an extra, and a run
+    without the dense record (trained before it existed) still compares on its metrics."""
+    dense, missing = {}, []
+    for variant in VARIANTS:
+        run_id = runs[variant].info.run_id
+        try:
+            dense[variant] = query.dense_norms(run_id)
+        except (QueryError, MlflowException, OSError, KeyError, ValueError) as error:
+            return None, (f"{names.NORMS_NPZ} of run {run_id} ({variant}) could not be read "
+                          f"({type(error).__name__}: {error})")
+        if dense[variant] is None:
+            missing.append(f"run {run_id} ({variant})")
+        elif "norms" not in dense[variant]:
+            return None, (f"run {run_id} ({variant}) was trained with probe=weight: its "
+                          f"{names.NORMS_NPZ} has no output-gradient norms")
+    if missing:
+        return None, (f"{' and '.join(missing)} {'has' if len(missing) == 1 else 'have'} no "
+                      f"{names.NORMS_NPZ} (runs trained before the dense record have none); "
+                      "the per-layer metrics are compared without it")
+    try:
+        found = plots.difference_matrix(dense["noskip"], dense["skip"], layers)
+    except (KeyError, ValueError, IndexError) as error:  # a malformed file
+        return None, f"the runs' {names.NORMS_NPZ} do not fit together ({error})"
+    if found is None:
+        return None, f"the runs' {names.NORMS_NPZ} share no layer or no step"
+    return found, ""
+
+
+def figure_notes(chosen: list[str], panels: list[str], difference, skipped: str) -> list[str]:
+    """The summary's lines about what the figures show (the caps and the heatmap's floor)."""
+    lines = []
+    if len(panels) < len(chosen):
+        lines.append(f"- `{NORMS_PLOT}` draws {len(panels)} of the {len(chosen)} compared layers, "
+                     "evenly across depth: " + ", ".join(f"`{x}`" for x in panels)
+                     + "; the tables below have all of them"
+                     + (", and so does the difference heatmap." if difference is not None else "."))
+    if difference is not None:
+        lines.append(f"- `{DIFFERENCE_PLOT}`: log10(skip norm) - log10(noskip norm) for "
+                     f"{len(difference.layers)} layers x {difference.steps} shared batches"
+                     + (f" (a column is the mean of {difference.per_column} batches)"
+                        if difference.per_column > 1 else "")
+                     + ("; zero (or non-finite) norms, noskip: "
+                        f"{difference.floored['noskip']}, skip: {difference.floored['skip']}, "
+                        f"are floored at 1e{difference.floor:g}, one decade below the smallest "
+                        "positive norm of either run." if any(difference.floored.values())
+                        else "; neither run has a zero norm."))
+    else:
+        lines.append(f"- `{DIFFERENCE_PLOT}` not drawn: {skipped}.")
+    return lines
+
+
 def _g(x: float) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
 
@@ -203,9 +271,11 @@ def diagnosis(table: pd.DataFrame, per_epoch: pd.DataFrame) -> list[str]:
     return found
 
 
-def markdown(table: pd.DataFrame, per_epoch: pd.DataFrame, sides: list[Side]) -> str:
+def markdown(table: pd.DataFrame, per_epoch: pd.DataFrame, sides: list[Side],
+             figures: list[str] = ()) -> str:
     g = _g
     lines = ["## Gradient norms: skip vs no skip", "", *diagnosis(table, per_epoch), "",
+             *([*figures, ""] if figures else []),
              "| layer | variant | median | min | max | first | last | early | late | zero steps "
              "| skip/noskip | status |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -242,7 +312,9 @@ def compare(experiment: str | None = None, run_ids: list[str] | None = None,
     chosen = shared_layers(runs, layers)
     sides = [Side.read(v, runs[v], chosen) for v in VARIANTS]
     table, per_epoch = summarize(sides)
-    text = markdown(table, per_epoch, sides)
+    panels = panel_layers(chosen)
+    difference, skipped = read_difference(runs, chosen if layers else None)
+    text = markdown(table, per_epoch, sides, figure_notes(chosen, panels, difference, skipped))
 
     # --- 2. the compare run --------------------------------------------------------------
     model = runs["noskip"].data.params.get("model", "model")
@@ -257,11 +329,23 @@ def compare(experiment: str | None = None, run_ids: list[str] | None = None,
         "compare.runs": ",".join(ids.values()),
         "compare.noskip_run": ids["noskip"], "compare.skip_run": ids["skip"],
         "compare.layers": ",".join(chosen),
+        names.PANEL_LAYERS_TAG: ",".join(panels),
+        names.DIFFERENCE_TAG: "logged" if difference is not None else f"skipped: {skipped}",
     }, experiment_id=experiment_id)
     with tracker.ending():
         histories = {s.variant: s.chosen_history for s in sides}
-        for fig, path in ((plots.comparison_norms(histories, chosen, model), NORMS_PLOT),
-                          (plots.depth_profile(table, model), DEPTH_PLOT)):
+        note = (f"{len(panels)} of {len(chosen)} layers, evenly across depth; every layer is in "
+                f"the tables{' and ' + DIFFERENCE_PLOT if difference is not None else ''}"
+                if len(panels) < len(chosen) else None)
+        figures = [(lambda: plots.comparison_norms(histories, panels, model, note), NORMS_PLOT),
+                   (lambda: plots.depth_profile(table, model), DEPTH_PLOT)]
+        if difference is not None:
+            per_epoch_steps = int(runs["noskip"].data.tags.get(names.STEPS_PER_EPOCH_TAG, 0)) \
+                or None
+            figures.append((lambda: plots.difference_heatmap(difference, model, per_epoch_steps),
+                            DIFFERENCE_PLOT))
+        for make, path in figures:  # one figure in memory at a time
+            fig = make()
             try:
                 tracker.log_figure(fig, path)
             finally:
@@ -269,7 +353,7 @@ def compare(experiment: str | None = None, run_ids: list[str] | None = None,
         tracker.log_text(text, SUMMARY_MD)
         tracker.log_text(table.to_csv(index=False), SUMMARY_CSV)
         tracker.log_text(per_epoch.to_csv(index=False), EPOCHS_CSV)
-        tracker.log_dict({"runs": ids, "layers": chosen,
+        tracker.log_dict({"runs": ids, "layers": chosen, "panel_layers": panels,
                           "summary": _records(table), "per_epoch": _records(per_epoch)}, SUMMARY_JSON)
         tracker.set_note(text)
     return tracker.run_id

@@ -33,6 +33,7 @@ PRECISIONS = ("default", "fp32", "bf16")
 DATA_PATHS = ("auto", "dataloader", "device")
 GRAPH_MODES = ("auto", "on", "off")
 ON_NAN = ("stop", "continue")
+PROBES = ("output", "weight", "both")
 
 # Where runs go when nothing else says: a named experiment, not MLflow's "Default".
 DEFAULT_EXPERIMENT = "gradient-flow"
@@ -91,6 +92,12 @@ class Config:
                                                   "(resnet50: " + ",".join(DEFAULT_LAYERS) + "), "
                                                   "or all = every Conv2d and Linear in forward "
                                                   "order", kind="names")
+    # Weight-gradient norms cost one grouped foreach norm per step (a few kernels for every
+    # layer), after backward and before the optimizer step.
+    probe: str = _param("output", "what is measured at each probed layer: output (the norm of "
+                                  "dLoss/d(layer output), the notebook's), weight (of dLoss/"
+                                  "d(the layer's weight and bias): weight_grad_norm/<layer>) or "
+                                  "both", choices=PROBES)
     # 54 layers x 31,250 steps (resnet50, 10 CIFAR epochs) is 1.7M points: too many to log
     # as metrics. The dense artifact gradients/norms.npz has every layer at every step.
     metric_every: int = _param(100, "with layers=all: steps between the grad_norm metrics of "
@@ -130,6 +137,16 @@ class Config:
                         choices=GRAPH_MODES)
     channels_last: str = _param("auto", "NHWC memory layout for the network: auto (on for CUDA), "
                                         "true or false", kind="auto_or_bool")
+    # --- more than one process: torchrun + DistributedDataParallel (pipeline/distributed.py)
+    # batch_size stays the global batch: each of the nproc_per_node x nnodes ranks trains on
+    # batch_size / world_size images of every batch, so the maths does not change.
+    nproc_per_node: int = _param(1, "training processes on this machine (one per GPU); above 1 "
+                                    "the run is launched through torchrun with DDP", min=1)
+    nnodes: int = _param(1, "machines taking part (multi-node: start the same command on each, "
+                            "with the same rdzv_endpoint)", min=1)
+    rdzv_endpoint: str = _param("none", "host:port where the nodes meet (torchrun's c10d "
+                                        "rendezvous; needed when nnodes > 1); none = this "
+                                        "machine only (torchrun --standalone)")
     # --- surviving crashes, signals and NaNs ---------------------------------------------
     # A checkpoint reads every weight off the device (a sync) and writes ~285 MB at 224 px
     # (weights + Adam's two moments): once per epoch is cheap next to an epoch's work.
@@ -160,6 +177,21 @@ class Config:
         # The one rule across fields; dataclasses.replace checks it too (the `all` variants).
         if self.skip and self.model in MODELS_WITHOUT_SKIP:
             raise no_skip_error(self.model)
+        world = self.world_size
+        if world > 1:
+            if self.batch_size % world:
+                raise ConfigError("batch_size", f"{self.batch_size} does not split evenly over "
+                                                 f"world_size {world} (nproc_per_node x nnodes); "
+                                                 f"allowed: a multiple of {world}")
+            if self.graph == "on":
+                raise ConfigError("graph", f"on is not available with DDP (world_size {world}): "
+                                           "allowed: auto, off")
+            if self.device == "mps":
+                raise ConfigError("device", "mps has no DDP backend here; allowed with "
+                                            "nproc_per_node > 1: auto, cpu, cuda")
+        if self.nnodes > 1 and self.rdzv_endpoint_or_none is None:
+            raise ConfigError("rdzv_endpoint", f"none, but nnodes is {self.nnodes}: give the "
+                                               "host:port every node can reach (the same on each)")
 
     @property
     def variant(self) -> str:
@@ -168,6 +200,22 @@ class Config:
     @property
     def run_name(self) -> str:
         return f"{self.model}-{self.variant}"
+
+    @property
+    def probes_outputs(self) -> bool:
+        return self.probe in ("output", "both")
+
+    @property
+    def probes_weights(self) -> bool:
+        return self.probe in ("weight", "both")
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    @property
+    def rdzv_endpoint_or_none(self) -> str | None:
+        return None if self.rdzv_endpoint.lower() == "none" else self.rdzv_endpoint
 
     @property
     def resume_id(self) -> str | None:
@@ -327,6 +375,100 @@ class CompareConfig:
 class AllConfig:
     force: bool = _param(False, "retrain even when a FINISHED run with the same parameters "
                                 "and code exists")
+
+
+# --- the sweep ---------------------------------------------------------------------------------
+# The sweep's Config fields are its grid; every other training field passes through.
+SWEEP_GRID_FIELDS = ("model", "skip", "batch_norm")
+# The sweep trains 22 networks by default and its figure needs only the stem's median norm,
+# which the first epoch shows (without skips the stem is at ~1e-22 from batch 0): one epoch
+# instead of Config's 10 costs a tenth. The sweep's other training defaults are Config's.
+SWEEP_TRAIN_DEFAULTS = {"epochs": 1}
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    models: str = _param(",".join(MODELS), "comma-separated models to train: "
+                                           + ", ".join(MODELS), kind="grid_models")
+    skips: str = _param("false,true", "comma-separated skip values (true/false); a model "
+                                      "without skips (vgg19) trains skip=false only",
+                        kind="grid_bools")
+    batch_norms: str = _param("false,true", "comma-separated batch_norm values (true/false)",
+                              kind="grid_bools")
+    force: bool = _param(False, "retrain every cell even when a FINISHED run with the same "
+                                "parameters and code exists")
+    # More than one process at a time only pays with cores or GPUs to spare, and with a
+    # tracking server: a local sqlite store serialises every write of every process.
+    parallel: int = _param(1, "cells trained at once: 1 = one after another in this process; "
+                              "N = up to N `python -m pipeline train` processes (for a "
+                              "tracking server)", min=1)
+
+    def __post_init__(self) -> None:
+        # Every grid value is checked here, before any run, download or device work.
+        for f in dataclasses.fields(self):
+            kind = f.metadata.get("kind")
+            if kind == "grid_models":
+                bad = [m for m in split_list(getattr(self, f.name)) if m.lower() not in MODELS]
+                if bad:
+                    raise ConfigError(f.name, f"{bad[0]!r} is not allowed; allowed: comma-separated "
+                                              f"{', '.join(MODELS)}")
+            elif kind == "grid_bools":
+                for word in split_list(getattr(self, f.name)):
+                    if word.lower() not in _TRUE + _FALSE:
+                        raise ConfigError(f.name, f"{word!r} is not a boolean; allowed: "
+                                                  "comma-separated true/false, 1/0, yes/no")
+            if kind and not split_list(getattr(self, f.name)):
+                raise ConfigError(f.name, f"the list is empty; allowed: comma-separated values, "
+                                          f"e.g. {format_value(f.default)}")
+
+    @property
+    def model_list(self) -> list[str]:
+        return list(dict.fromkeys(m.lower() for m in split_list(self.models)))
+
+    @property
+    def skip_list(self) -> list[bool]:
+        return list(dict.fromkeys(parse_bool("skips", s) for s in split_list(self.skips)))
+
+    @property
+    def batch_norm_list(self) -> list[bool]:
+        return list(dict.fromkeys(parse_bool("batch_norms", b)
+                                  for b in split_list(self.batch_norms)))
+
+    def cells(self, base: Config) -> tuple[list[Config], list[str]]:
+        """The grid as training configurations, models outermost, then skip, then batch_norm;
+        and the names (``cell_name``) of the cells left out because the model has no skips."""
+        if base.resume_id:
+            raise ConfigError("resume", "continues one training run; use the main entry point "
+                                        "(mlflow run . -P resume=ID), not sweep")
+        # The figure compares the first probed layer across architectures: that is the stem
+        # only when every model probes its own default (auto) or every layer (all).
+        if base.layers not in (AUTO_LAYERS, ALL_LAYERS):
+            raise ConfigError("layers", f"{format_value(base.layers)!r}: the sweep compares each "
+                                        "model's first layer, so module names (which differ "
+                                        "between models) are not allowed; allowed: auto, all")
+        if not base.probes_outputs:  # else every cell trains, then the summary finds nothing
+            raise ConfigError("probe", f"{base.probe!r}: the sweep's figure is the norm of "
+                                       "dLoss/d(first layer output), the grad_norm metrics; "
+                                       "allowed: output, both")
+        cells, skipped = [], []
+        for model in self.model_list:
+            for skip in self.skip_list:
+                for batch_norm in self.batch_norm_list:
+                    if skip and model in MODELS_WITHOUT_SKIP:
+                        skipped.append(cell_name(model, skip, batch_norm))
+                        continue
+                    cells.append(dataclasses.replace(base, model=model, skip=skip,
+                                                     batch_norm=batch_norm))
+        if not cells:
+            raise ConfigError("skips", f"{self.skips!r} leaves no cell to train: "
+                                       f"{', '.join(self.model_list)} has no skip connections; "
+                                       "allowed: add false, or a model with skips")
+        return cells, skipped
+
+
+def cell_name(model: str, skip: bool, batch_norm: bool) -> str:
+    """``resnet50-noskip-nobn``: one cell of the sweep's grid, in tags and tables."""
+    return f"{model}-{'skip' if skip else 'noskip'}-{'bn' if batch_norm else 'nobn'}"
 
 
 def parse(cls, values: Mapping[str, str | None]):

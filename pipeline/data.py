@@ -104,6 +104,7 @@ class Data:
     order: "EpochOrder | None" = None    # the training order, for checkpoints
     path: str = "dataloader"   # the resolved data_path
     resize: str = "PIL per image, in loader workers (the notebook's)"
+    dropped_per_epoch: int = 0  # images of the last, partial batch no rank trains on (DDP)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -196,6 +197,45 @@ class EpochOrder(torch.utils.data.Sampler):
         self._skip = skip
 
 
+def global_batches(n: int, batch_size: int, world_size: int = 1):
+    """(start, stop) of each global batch of an epoch of ``n`` images that is trained on.
+
+    Every rank takes an equal share of a batch, so with several ranks an epoch's last,
+    partial batch is kept only when it splits evenly (CIFAR-10 at batch 16: 50,000 = 3,125
+    x 16, nothing is left over); otherwise it is dropped, and the ``data.dropped_per_epoch``
+    tag says how many images that is. One process keeps it, as the notebook did.
+    """
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        if (stop - start) % world_size == 0:
+            yield start, stop
+
+
+def rank_share(start: int, stop: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous slice of the global batch [start, stop)."""
+    share = (stop - start) // world_size
+    return start + rank * share, start + (rank + 1) * share
+
+
+class ShardedBatches(torch.utils.data.Sampler):
+    """A DataLoader's batch sampler: the global batches of ``order`` (the seeded epoch order
+    every rank draws alike), and this rank's share of each. With one process these are
+    exactly the batches of ``DataLoader(sampler=order, batch_size=...)``."""
+
+    def __init__(self, order: EpochOrder, batch_size: int, rank: int = 0, world_size: int = 1):
+        self.order, self.batch_size = order, batch_size
+        self.rank, self.world_size = rank, world_size
+
+    def __len__(self) -> int:
+        return sum(1 for _ in global_batches(len(self.order), self.batch_size, self.world_size))
+
+    def __iter__(self):
+        index = list(self.order)  # one draw per epoch (a resumed epoch's is shorter)
+        for start, stop in global_batches(len(index), self.batch_size, self.world_size):
+            lo, hi = rank_share(start, stop, self.rank, self.world_size)
+            yield index[lo:hi]
+
+
 # The device path's test batches: evaluation has no probes and no optimizer, and 16 images
 # per forward would make it host-bound (~2 s per epoch on an H200); the batch size changes
 # only the order of the sums.
@@ -207,13 +247,15 @@ class DeviceBatches:
     DataLoader, in the same order as ``order`` (the CPU path's sampler) when one is given."""
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, batch_size: int,
-                 image_size: int, order: torch.utils.data.Sampler | None = None):
+                 image_size: int, order: torch.utils.data.Sampler | None = None,
+                 rank: int = 0, world_size: int = 1):
         self.images, self.targets = images, targets
         self.batch_size, self.image_size, self.order = batch_size, image_size, order
+        self.rank, self.world_size = rank, world_size  # this rank's share of each batch
         self.resize_each_batch = images.shape[-1] != image_size or images.shape[-2] != image_size
 
     def __len__(self) -> int:
-        return math.ceil(len(self.targets) / self.batch_size)
+        return sum(1 for _ in global_batches(len(self.targets), self.batch_size, self.world_size))
 
     def __iter__(self):
         device = self.images.device
@@ -228,12 +270,12 @@ class DeviceBatches:
                 index = index.pin_memory()
             index = index.to(device, non_blocking=True)
         n = len(self.targets) if index is None else len(index)  # a resumed epoch is shorter
-        for start in range(0, n, self.batch_size):
+        for start, stop in global_batches(n, self.batch_size, self.world_size):
+            start, stop = rank_share(start, stop, self.rank, self.world_size)
             if index is None:
-                x = self.images[start:start + self.batch_size]
-                y = self.targets[start:start + self.batch_size]
+                x, y = self.images[start:stop], self.targets[start:stop]
             else:
-                pick = index[start:start + self.batch_size]
+                pick = index[start:stop]
                 x, y = self.images.index_select(0, pick), self.targets.index_select(0, pick)
             if self.resize_each_batch:
                 x = resize_on_device(x, self.image_size)
@@ -351,8 +393,13 @@ def resolve_data_path(cfg: Config, device: torch.device) -> str:
     return cfg.data_path
 
 
-def build(cfg: Config, device: torch.device) -> Data:
-    """Datasets and loaders for ``cfg``; raises DataError with one line when data is missing."""
+def build(cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1,
+          local_size: int = 1) -> Data:
+    """Datasets and loaders for ``cfg``; raises DataError with one line when data is missing.
+
+    Under DDP (``world_size`` > 1) the training batches are this rank's shares of the global
+    batches, and the test split is strided over the ranks (evaluation sums over all of them).
+    """
     transform = notebook_transform(cfg.image_size)
     make = {"cifar10": _cifar10, "imagefolder": _imagefolder, "synthetic": _synthetic}[cfg.dataset]
     train, test, source, lineage = make(cfg, transform)
@@ -364,12 +411,17 @@ def build(cfg: Config, device: torch.device) -> Data:
         pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.seed))
         test = Subset(test, pick[:cfg.max_steps * cfg.batch_size].sort().values.tolist())
 
-    workers = cfg.resolved_num_workers(os.cpu_count())
+    if world_size > 1:  # every rank tests its own 1/W of the images; the sums are reduced
+        test = Subset(test, list(range(rank, len(test), world_size)))
+    # The ranks on one machine share its cores.
+    workers = cfg.resolved_num_workers(max(1, (os.cpu_count() or 1) // local_size))
     # The order of every epoch follows from the seed alone (the notebook shuffled too). The
     # sampler owns its generator: a DataLoader's own generator also seeds worker processes,
     # once per epoch without persistent workers and once per run with them, so the order
     # would depend on num_workers.
     order = EpochOrder(train, cfg.seed)
+    dropped = len(train) - sum(b - a for a, b in global_batches(len(train), cfg.batch_size,
+                                                                world_size))
     if resolve_data_path(cfg, device) == "device":
         # Half of what is free: the network, its activations and the graph pool need the rest.
         budget = _free_bytes(device) // 2
@@ -377,16 +429,20 @@ def build(cfg: Config, device: torch.device) -> Data:
         x_test, y_test, _ = to_device(test, cfg.image_size, device, workers,
                                       budget - x_train.numel())
         return Data(
-            train=DeviceBatches(x_train, y_train, cfg.batch_size, cfg.image_size, order),
+            train=DeviceBatches(x_train, y_train, cfg.batch_size, cfg.image_size, order,
+                                rank, world_size),
             test=DeviceBatches(x_test, y_test, max(cfg.batch_size, EVAL_BATCH), cfg.image_size),
-            source=source, lineage=lineage, path="device", resize=RESIZE_NOTES[how], order=order)
+            source=source, lineage=lineage, path="device", resize=RESIZE_NOTES[how], order=order,
+            dropped_per_epoch=dropped)
     common = dict(batch_size=cfg.batch_size, num_workers=workers,
                   pin_memory=device.type == "cuda",  # lets the host->device copy run async
                   persistent_workers=workers > 0)
     return Data(
-        train=DataLoader(train, sampler=order, drop_last=False, **common),
+        train=DataLoader(train, batch_sampler=ShardedBatches(order, cfg.batch_size, rank, world_size),
+                         **{k: v for k, v in common.items() if k != "batch_size"}),
         test=DataLoader(test, shuffle=False, **common),
         source=source,
         lineage=lineage,
         order=order,
+        dropped_per_epoch=dropped,
     )

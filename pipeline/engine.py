@@ -70,7 +70,7 @@ class Step:
         self.criterion = nn.CrossEntropyLoss()
         self.want_graph = graph
         self.status = GraphStatus("eager", "not yet captured" if graph else
-                                  "not asked for (graph=off, or graph=auto off CUDA)")
+                                  "not asked for (graph=off; graph=auto off CUDA or under DDP)")
         self.eager_batches = 0     # steps that ran eagerly while a graph exists (partial batches)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -18,8 +18,10 @@ Schema of ``gradients/norms.npz`` (``numpy.load``; no pickles)::
 
     steps   int64   [S]     global step (batch index from 0) of each row
     layers  str     [L]     probed module names, in forward (call) order
-    norms   float64 [S, L]  L2 norm of dLoss/d(layer output) at that step
+    norms   float64 [S, L]  L2 norm of dLoss/d(layer output) at that step (probe=output|both)
     loss    float64 [S]     the training loss of that step
+    weight_norms float64 [S, L]  L2 norm of dLoss/d(the layer's own parameters: weight and
+                            bias) at that step (probe=weight|both)
 """
 from __future__ import annotations
 
@@ -73,14 +75,32 @@ class Collector:
 
     def __init__(self, layers: tuple[str, ...], every_step: tuple[str, ...], metric_every: int,
                  then: Callable[[np.ndarray], None] | None = None,
-                 warn: Callable[[str], None] | None = None):
+                 warn: Callable[[str], None] | None = None, outputs: bool = True,
+                 weights: bool = False):
         self.layers = list(layers)
         self.metric_every = metric_every
         self.then = then
         self.warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.outputs, self.weights = outputs, weights
+        L = len(self.layers)
+        # The probes' row: [output norms (L, with outputs)] [loss] [weight norms (L, with weights)]
+        self.loss_col = L if outputs else 0
+        series = ([(i, names.grad_norm(layer), layer) for i, layer in enumerate(self.layers)]
+                  if outputs else [])
+        if weights:
+            series += [(self.loss_col + 1 + i, names.weight_grad_norm(layer), layer)
+                       for i, layer in enumerate(self.layers)]
         keep = set(every_step)
-        self.columns = [i for i, layer in enumerate(self.layers) if layer in keep] + [len(self.layers)]
-        self.thinned = [i for i, layer in enumerate(self.layers) if layer not in keep]
+        # The metric writer's view: the every-step series, then the loss (last, as the
+        # writer's keys and the console's loss read it).
+        self.columns = [c for c, _, layer in series if layer in keep] + [self.loss_col]
+        self.keys = [key for _, key, layer in series if layer in keep] + [names.TRAIN_LOSS]
+        self.thinned = [(c, key) for c, key, layer in series if layer not in keep]
+        # Every column of the full row, named: the NaN watch's keys.
+        self.all_keys = [None] * (self.loss_col + 1 + (L if weights else 0))
+        for c, key, _ in series:
+            self.all_keys[c] = key
+        self.all_keys[self.loss_col] = names.TRAIN_LOSS
         self.chunks: list[tuple[int, np.ndarray]] = []
         self.pending: list[tuple[int, int, dict[str, float]]] = []  # (step, ms, {key: value})
         self.zero_run = 0
@@ -95,14 +115,14 @@ class Collector:
             for r, ts in enumerate(timestamps_ms[:len(values)]):
                 step = first_step + r
                 if step % self.metric_every == 0:
-                    self.pending.append((step, ts, {names.grad_norm(self.layers[c]): float(values[r, c])
-                                                    for c in self.thinned}))
+                    self.pending.append((step, ts, {key: float(values[r, c])
+                                                    for c, key in self.thinned}))
         self._watch_death(first_step, values)
         if self.then is not None:
             self.then(values)
 
     def _watch_death(self, first_step: int, values: np.ndarray) -> None:
-        if self.died_at is not None or len(self.layers) < 2:
+        if self.died_at is not None or len(self.layers) < 2 or not self.outputs:
             return
         for r, dead in enumerate((values[:, :len(self.layers) - 1] == 0).all(axis=1)):
             self.zero_run = self.zero_run + 1 if dead else 0
@@ -128,9 +148,14 @@ class Collector:
             steps = np.concatenate([np.arange(s, s + len(v), dtype=np.int64) for s, v in rows])
             table = np.concatenate([v for _, v in rows]).astype(np.float64)
         else:
-            steps, table = np.zeros(0, dtype=np.int64), np.zeros((0, L + 1))
-        return {"steps": steps, "layers": np.array(self.layers, dtype=str),
-                "norms": table[:, :L], "loss": table[:, L]}
+            steps, table = np.zeros(0, dtype=np.int64), np.zeros((0, len(self.all_keys)))
+        out = {"steps": steps, "layers": np.array(self.layers, dtype=str),
+               "loss": table[:, self.loss_col]}
+        if self.outputs:
+            out["norms"] = table[:, :L]
+        if self.weights:
+            out["weight_norms"] = table[:, self.loss_col + 1:self.loss_col + 1 + L]
+        return out
 
 
 def save_npz(path, arrays: dict[str, np.ndarray]) -> None:

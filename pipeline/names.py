@@ -38,6 +38,9 @@ EAGER_STEPS_TAG = "engine.eager_steps"         # steps run eagerly beside a grap
 CHANNELS_LAST_TAG = "engine.channels_last"     # "true" | "false"
 DATA_PATH_TAG = "data.path"                    # "dataloader" | "device"
 DATA_RESIZE_TAG = "data.resize"                # how images were resized, vs. the notebook's PIL
+DATA_DROPPED_TAG = "data.dropped_per_epoch"    # images of a last batch that does not split over the ranks
+WORLD_SIZE_PARAM = "world_size"                # param: processes training (nproc_per_node x nnodes)
+DDP_FAILED_RANK_TAG = "ddp.failed_rank"        # the rank whose failure ended a DDP run
 
 RESUMED_INTO_TAG = "resume.continued_in"       # on the run `mlflow run -P resume=ID` opened
 RESUMED_AT_TAG = "resume.from_step"            # on a resumed run: the checkpoint's step
@@ -55,6 +58,14 @@ def grad_norm(layer: str) -> str:
 def layer_of(key: str) -> str:
     return key[len(GRAD_NORM_PREFIX):]
 
+
+WEIGHT_GRAD_NORM_PREFIX = "weight_grad_norm/"
+
+
+def weight_grad_norm(layer: str) -> str:
+    """``weight_grad_norm/conv1``: L2 norm of dLoss/d(that module's own weight and bias)."""
+    return WEIGHT_GRAD_NORM_PREFIX + layer
+
 # Tracking outages (pipeline/tracking.py).
 OUTAGE_TAG = "tracking.outage"                 # how many writes waited for the server, since when
 
@@ -63,6 +74,15 @@ OUTAGE_TAG = "tracking.outage"                 # how many writes waited for the 
 NORMS_NPZ = "gradients/norms.npz"
 GRADIENT_FLOW_PLOT = "plots/gradient_flow.png"  # heatmap: log10(norm), layer (depth) x step
 DEPTH_PROFILE_PLOT = "plots/depth_profile.png"  # norm against depth at a few steps
+# probe=weight|both: the same two figures for the weight-gradient norms.
+WEIGHT_GRADIENT_FLOW_PLOT = "plots/weight_gradient_flow.png"
+WEIGHT_DEPTH_PROFILE_PLOT = "plots/weight_depth_profile.png"
+
+# The compare step's heatmap of log10(skip norm) - log10(noskip norm), layer x step, from
+# both runs' norms.npz; the tag says "logged" or why it was skipped.
+DIFFERENCE_PLOT = "comparison/gradient_flow_difference.png"
+DIFFERENCE_TAG = "compare.difference_heatmap"
+PANEL_LAYERS_TAG = "compare.panel_layers"       # the layers drawn in comparison/gradient_norms.png
 
 # The diagnosis of the dense record, at the end of a run (README, "What a training run logs").
 HEALTH_TAG = "gradient.health"                          # healthy | vanishing | exploding | dead
@@ -71,3 +91,27 @@ FIRST_TO_LAST_TAG = "gradient.first_to_last_ratio"      # median first-layer / l
 ZERO_STEP_FRACTION_TAG = "gradient.zero_step_fraction"  # steps with every layer below the head 0
 AT_CHANCE_TAG = "loss.at_chance"                        # "true" | "false"
 METRIC_LAYERS_TAG = "layers.every_step"                 # layers logged as metrics every step
+
+# Sweep (pipeline/sweep.py): a grid of models x skip x batch_norm as child runs of one parent
+# run, summarised as the first probed layer's median norm against depth. A cell is named
+# <model>-<skip|noskip>-<bn|nobn> (config.cell_name).
+STEP_TAG = "pipeline.step"                     # on a parent run: "all" | "sweep"
+SWEEP_FIGURE = "sweep/first_layer_vs_depth.png"  # median first-layer norm against depth, log y
+SWEEP_SUMMARY_MD = "sweep/summary.md"          # the table, also the parent run's description
+SWEEP_SUMMARY_CSV = "sweep/summary.csv"        # one row per cell
+SWEEP_SUMMARY_JSON = "sweep/summary.json"      # {"cells": [row, ...], "skipped": [cell, ...]}
+SWEEP_CELLS_TAG = "sweep.cells"                # the cells, in grid order, comma-separated
+SWEEP_RUNS_TAG = "sweep.runs"                  # their run IDs, in the same order
+SWEEP_SKIPPED_TAG = "sweep.skipped"            # cells left out (vgg19 has no skips), or "none"
+SWEEP_REUSED_TAG = "sweep.reused"              # "<reused>/<cells>": FINISHED runs reused
+SWEEP_CELL_TAG = "sweep.cell"                  # on each run the sweep trains: its cell
+
+
+def sweep_run_tag(cell: str) -> str:
+    """``sweep.resnet50-noskip-nobn.run``: on the parent, that cell's run ID."""
+    return f"sweep.{cell}.run"
+
+
+def sweep_reused_tag(cell: str) -> str:
+    """``sweep.resnet50-noskip-nobn.reused``: "true" when the cell reused a FINISHED run."""
+    return f"sweep.{cell}.reused"

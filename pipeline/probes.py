@@ -22,6 +22,14 @@ several calls with ``hypot``; accurate to float32's ~1e-7 relative (tests/test_p
 Squared norms are summed per row, so a module called several times in one forward (a shared
 ReLU, say) reports the norm over all its outputs together; the square root is taken on the
 host at readback.
+
+Weight gradients (``weights=True``, ``probe=weight|both``): at the same named moment, after
+backward (and after DDP has averaged them) and before the optimizer step, one grouped
+``torch._foreach_norm`` in float64 over the probed modules' own parameters (weight and bias)
+gives each module's weight-gradient norm; a few kernels for all layers, no host sync.
+
+Columns of a row: the output-gradient norms (one per layer, when ``outputs``), the loss,
+then the weight-gradient norms (one per layer, when ``weights``).
 """
 from __future__ import annotations
 
@@ -43,8 +51,10 @@ from .config import ConfigError
 FLUSH_SECONDS = 5.0
 
 
-def check_layers(model: nn.Module, names: tuple[str, ...], image_size: int) -> None:
-    """Refuse names that are not modules of ``model`` or that its forward pass never calls.
+def check_layers(model: nn.Module, names: tuple[str, ...], image_size: int,
+                 weights: bool = False) -> None:
+    """Refuse names that are not modules of ``model`` or that its forward pass never calls
+    (and, with ``weights``, modules that own no parameters to take a gradient norm of).
 
     Cheap enough to run before any data work: the liveness check runs the model on the
     meta device, which computes shapes only.
@@ -56,6 +66,12 @@ def check_layers(model: nn.Module, names: tuple[str, ...], image_size: int) -> N
             close = difflib.get_close_matches(name, modules.keys(), n=5, cutoff=0.5)
             hint = f"closest: {', '.join(close)}" if close else f"e.g. {', '.join(list(modules)[:5])}"
             raise ConfigError("layers", f"{name!r} is not a module of this model; {hint}")
+    if weights:
+        bare = [n for n in names if not list(modules[n].parameters(recurse=False))]
+        if bare:
+            raise ConfigError("layers", f"{', '.join(bare)} own(s) no parameters, so probe=weight "
+                                        "has no weight gradient to measure there; allowed: conv "
+                                        "and linear layers (or probe=output)")
 
     called: set[str] = set()
     # eval: a training-mode BatchNorm refuses batch 1 at 1x1 (32 px); the same modules run.
@@ -83,6 +99,7 @@ class Chunk:
     event: torch.cuda.Event | None           # completes when the copy has landed
     timestamps_ms: list[int] = field(default_factory=list)
     squared: bool = True                     # False: the float32 fallback stores norms
+    loss_col: int = -1                       # the loss's column; every other one is a norm
 
     def values(self) -> np.ndarray:
         """Norms (square-rooted) and loss; blocks the *calling* thread until the copy lands."""
@@ -90,7 +107,9 @@ class Chunk:
             self.event.synchronize()
         out = self.host.numpy().astype(np.float64)
         if self.squared:
-            out[:, :-1] = np.sqrt(out[:, :-1])
+            loss = out[:, self.loss_col].copy()
+            out = np.sqrt(out)
+            out[:, self.loss_col] = loss
         return out
 
 
@@ -105,17 +124,25 @@ class GradientProbes:
 
     def __init__(self, model: nn.Module, names: tuple[str, ...], flush_every: int,
                  device: torch.device, flush_seconds: float | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, reduce=None, outputs: bool = True,
+                 weights: bool = False):
         self.names = list(names)
+        self.outputs, self.weights = outputs, weights
+        # DDP: sums the ranks' squared norms and losses into the global batch's, in place
+        # (distributed.Comm.reduce_probes); None with one process.
+        self.reduce = reduce
         self.flush_every = flush_every
         self.flush_seconds = flush_seconds  # None: chunks are exactly flush_every rows
         self.device = device
         # float64 wherever the device has it (not MPS): see the module docstring.
         self.dtype = dtype or (torch.float32 if device.type == "mps" else torch.float64)
         self.squared = self.dtype == torch.float64
-        # columns 0..L-1: squared output-gradient norm per layer; column L: the loss
-        self.buf = torch.zeros(flush_every, len(names) + 1, dtype=self.dtype, device=device)
-        self.cur = torch.zeros(len(names) + 1, dtype=self.dtype, device=device)
+        # columns: squared output-gradient norm per layer (with outputs), the loss, squared
+        # weight-gradient norm per layer (with weights)
+        self.loss_col = len(names) if outputs else 0
+        width = self.loss_col + 1 + (len(names) if weights else 0)
+        self.buf = torch.zeros(flush_every, width, dtype=self.dtype, device=device)
+        self.cur = torch.zeros(width, dtype=self.dtype, device=device)
         # The row this step lands in, kept on the device so a replayed CUDA graph advances it;
         # ``row`` mirrors it on the host (the host counts its own steps: reading it back
         # would be a sync).
@@ -127,7 +154,12 @@ class GradientProbes:
         self._last_drain = time.monotonic()
         modules = dict(model.named_modules())
         self._handles = [modules[n].register_forward_hook(self._on_forward(i))
-                         for i, n in enumerate(names)]
+                         for i, n in enumerate(names)] if outputs else []
+        # Each probed module's own parameters, and the column its norm adds into.
+        self._params = [(p, self.loss_col + 1 + i) for i, n in enumerate(names) if weights
+                        for p in modules[n].parameters(recurse=False)]
+        self._param_cols = torch.tensor([c for _, c in self._params], dtype=torch.int64,
+                                        device=device)
 
     def _on_forward(self, col: int):
         def hook(module, inputs, output):
@@ -149,10 +181,33 @@ class GradientProbes:
     def record(self, loss: torch.Tensor) -> None:
         """The step's one named moment, on the device: after backward its norms are complete,
         the loss joins them, and the row is written. Capturable: no host values involved."""
-        self.cur[-1].copy_(loss.detach())
+        self.cur[self.loss_col].copy_(loss.detach())
+        if self.reduce is not None:  # output norms and loss; weight gradients are global already
+            self.reduce(self.cur[:self.loss_col + 1])
+        if self._params:
+            self._record_weights()
         self.buf.index_copy_(0, self.row_t, self.cur.unsqueeze(0))
         self.row_t += 1
         self.cur.zero_()
+
+    def _record_weights(self) -> None:
+        # A parameter without a gradient (never None for a module the forward pass used)
+        # is skipped: checking it is a Python attribute read, not a device sync.
+        pairs = [(p.grad, c) for (p, _), c in zip(self._params, self._param_cols) if p.grad is not None]
+        if not pairs:
+            return
+        grads = [g for g, _ in pairs]
+        cols = torch.stack([c for _, c in pairs]) if len(pairs) != len(self._params) else self._param_cols
+        if self.squared:
+            # One grouped kernel family for every parameter: float64 inside the reduction,
+            # so 1e-30 gradients keep their digits (the module docstring).
+            norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64))
+            self.cur.index_add_(0, cols, norms.square())
+            return
+        for g, c in pairs:  # the float32 fallback (MPS): scale by max, combine with hypot
+            top = g.detach().abs().amax().float()
+            scaled = torch.linalg.vector_norm(g.float() / torch.where(top > 0, top, 1.0))
+            self.cur[c] = torch.hypot(self.cur[c], top * scaled)
 
     def advance(self) -> Chunk | None:
         """The host's half of a step: count the row; hand out a chunk when it is time."""
@@ -197,7 +252,7 @@ class GradientProbes:
         # Stream order makes this safe: the next steps overwrite rows only after the copy
         # has read them.
         self.row_t.zero_()
-        chunk = Chunk(self._first_step, host, event, self._timestamps, self.squared)
+        chunk = Chunk(self._first_step, host, event, self._timestamps, self.squared, self.loss_col)
         self._first_step, self._timestamps, self.row = self.step, [], 0
         self._last_drain = time.monotonic()
         return chunk

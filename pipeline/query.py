@@ -10,6 +10,7 @@ Works against any tracking URI MLflow resolves (``MLFLOW_TRACKING_URI`` or the d
 from __future__ import annotations
 
 import os
+import tempfile
 
 # Reading one small JSON artifact should not draw a download progress bar.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -157,6 +158,30 @@ def metric_histories(run_id: str) -> dict[str, list[tuple[int, float]]]:
     return {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in keys}
 
 
+def dense_norms(run_id: str) -> dict[str, np.ndarray] | None:
+    """A run's ``gradients/norms.npz`` (schema in ``pipeline/gradient_flow.py``): ``steps``,
+    ``layers``, ``norms``, ``loss`` as numpy arrays; None when the run has no such artifact
+    (runs from before the dense record, or not training runs).
+
+    Reads through MLflow's artifact API, so it works against a server with proxied
+    artifacts as well as a local store. A full default run's norms are 13.5 MB of float64
+    (54 layers x 31,250 steps): one download, held in memory once.
+    """
+    get_run(run_id)
+    folder = os.path.dirname(names.NORMS_NPZ)
+    try:
+        listed = {f.path for f in MlflowClient().list_artifacts(run_id, folder)}
+    except (MlflowException, OSError):
+        return None
+    if names.NORMS_NPZ not in listed:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=names.NORMS_NPZ,
+                                                    dst_path=tmp)
+        with np.load(local, allow_pickle=False) as npz:  # the schema holds no objects
+            return {key: npz[key] for key in npz.files}  # norms and/or weight_norms (probe)
+
+
 def final_metrics(run) -> dict[str, float]:
     """The last value of each per-epoch metric, as shown in the UI's run table."""
     keys = (names.TRAIN_ACCURACY, names.TRAIN_LOSS, names.TEST_ACCURACY, names.TEST_LOSS)
@@ -165,4 +190,4 @@ def final_metrics(run) -> dict[str, float]:
 
 __all__ = ["QueryError", "experiment_id", "experiment_ref", "find_experiment", "find_runs",
            "get_run", "run_config", "probed_layers", "gradient_history", "final_metrics",
-           "metric_histories"]
+           "metric_histories", "dense_norms"]

@@ -54,12 +54,22 @@ def fail_pending_run(reason: str) -> None:
     Best effort: a bad parameter must still print its one line even if the store is down.
     """
     run_id = os.environ.get("MLFLOW_RUN_ID")
-    if not run_id:
-        return
+    if run_id:
+        fail_run(run_id, reason)
+
+
+def fail_run(run_id: str, reason: str, tags: dict[str, str] | None = None) -> None:
+    """``reason`` into the run's ``error`` tag; a run still RUNNING (its process died before
+    it could end it) ends FAILED. For the DDP launcher, whose ranks did the logging.
+
+    Best effort, like ``fail_pending_run``: the one line on the console comes first.
+    """
     try:
         client = MlflowClient()
-        client.set_tag(run_id, names.ERROR_TAG, reason[:5000])
-        client.set_terminated(run_id, "FAILED")
+        for key, value in {names.ERROR_TAG: redact(reason)[:5000], **(tags or {})}.items():
+            client.set_tag(run_id, key, value)
+        if client.get_run(run_id).info.status in ("RUNNING", "SCHEDULED"):
+            client.set_terminated(run_id, "FAILED")
     except Exception:  # noqa: BLE001 - the user's error line matters more than this one
         pass
 
@@ -808,6 +818,43 @@ class MetricWriter(threading.Thread):
                               "metrics": [(m.key, m.value, m.timestamp, m.step) for m in part]})
             for m in part:
                 self.series.setdefault(m.key, []).append((m.step, m.value))
+
+
+def end_if_running(run_id: str, status: str, reason: str) -> None:
+    """End a run its process could not end (killed by the DDP agent after a signal)."""
+    try:
+        client = MlflowClient()
+        if client.get_run(run_id).info.status in ("RUNNING", "SCHEDULED"):
+            client.set_tag(run_id, names.ERROR_TAG, reason)
+            client.set_terminated(run_id, status)
+    except Exception:  # noqa: BLE001 - best effort, as fail_run
+        pass
+
+
+class Silent:
+    """What a DDP rank other than 0 holds in place of a ``Tracker``: the same calls, and
+    nothing sent anywhere (only rank 0 talks to MLflow)."""
+
+    run_id = "rank-follower"
+
+    def __init__(self, keys=None):
+        self._keys = []
+
+    def set_tags(self, tags): pass
+    def set_note(self, text): pass
+    def stream(self, keys, on_values=None, history=None): pass
+    def submit(self, chunk): pass
+    def log_epoch(self, epoch, metrics, timestamp_ms): pass
+    def wait(self): pass
+    def flush(self): return {}
+    def log_dict(self, obj, path): pass
+    def log_artifact(self, local_path, path): pass
+    def log_figure(self, figure, path): pass
+    def log_datasets(self, lineage): pass
+
+    @contextlib.contextmanager
+    def ending(self):
+        yield self
 
 
 class Tracker:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import checkpoint, code_version, engine, gradient_flow, names, plots, query
+from . import checkpoint, code_version, distributed, engine, gradient_flow, names, plots, query
 from . import data as data_mod
 from .config import ALL_LAYERS, AUTO_LAYERS, Config, ConfigError, UserError
 from .models import all_layers, build_model, default_layers
@@ -131,8 +131,9 @@ def result_table(gradients: dict[str, list[float]]) -> str:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, autocast):
-    """Mean loss and accuracy on the test split; one host sync at the end."""
+def evaluate(model: nn.Module, loader, device: torch.device, autocast, comm=None):
+    """Mean loss and accuracy on the test split; one host sync at the end. Under DDP each
+    rank tests its share (data.build strides the split) and the sums are reduced."""
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
@@ -145,53 +146,125 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast):
         correct += (out.argmax(1) == y).sum()
         seen += y.numel()
     model.train()
+    if comm is not None and comm.size > 1:
+        seen_t = torch.tensor(seen, dtype=torch.int64, device=device)
+        comm.sum_(loss_sum, correct, seen_t)
+        seen = int(seen_t.item())
     return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)
 
 
-def run(cfg: Config, tags: dict[str, str] | None = None) -> str:
-    """Train one variant and log it; returns the MLflow run ID. ``tags`` are added to the run."""
-    # --- 1. check everything cheap before any download or device work -----------------
-    device = resolve_device(cfg.device)
-    use_graph = resolve_graph(cfg, device)
-    for line in device_notes(device):
-        print(line, file=sys.stderr)
+@dataclasses.dataclass
+class Prepared:
+    """What ``preflight`` checked and resolved."""
+
+    cfg: Config                    # layers resolved (a resumed run's own configuration)
+    params: dict                   # as logged (layers as given)
+    device: torch.device
+    use_graph: bool
+    model: nn.Module
+    resume: "ResumePoint | None"
+
+
+def preflight(cfg: Config, world: distributed.World = distributed.World()) -> Prepared:
+    """Everything cheap that can refuse the input, before any download, device work or
+    process start. Ranks other than 0 skip the MLflow reads."""
+    device = distributed.Comm.device_for(world, resolve_device(cfg.device))
+    if (cfg.world_size > 1 and device.type == "cuda" and cfg.nnodes == 1
+            and torch.cuda.device_count() < cfg.nproc_per_node):
+        count = torch.cuda.device_count()
+        raise ConfigError("nproc_per_node", f"{cfg.nproc_per_node}, but this machine has {count} "
+                                            f"GPU(s); allowed: 1 to {count}, or -P device=cpu")
+    # DDP runs eagerly: its gradient all_reduce hooks are not captured (graph=on is refused).
+    use_graph = resolve_graph(cfg, device) and cfg.world_size == 1
     torch.manual_seed(cfg.seed)  # the init draws, in the notebook's module order
     model = build_model(cfg.model, skip=cfg.skip, batch_norm=cfg.batch_norm, init=cfg.init)
     layers = resolve_layers(cfg, model)
-    check_layers(model, layers, cfg.image_size)
+    check_layers(model, layers, cfg.image_size, weights=cfg.probes_weights)
     # The params stay as given (`mlflow run` has logged `layers=auto` already); everything
     # below sees the concrete names, which the layers.resolved tag records.
     params, cfg = cfg.to_params(), dataclasses.replace(cfg, layers=layers)
-    tracking.check_experiment(cfg.experiment)
-    resume = find_resume_point(cfg) if cfg.resume_id else None
+    resume = None
+    if world.main:
+        tracking.check_experiment(cfg.experiment)
+        resume = find_resume_point(cfg) if cfg.resume_id else None
+    elif cfg.resume_id:
+        resume = resume_point_from_file(cfg)
     if resume is not None:  # the run goes on exactly as it was configured
         params, cfg = resume.params, resume.cfg
+    return Prepared(cfg, params, device, use_graph, model, resume)
 
-    # --- 2. data (may download) ---------------------------------------------------------
-    data = data_mod.build(cfg, device)
-    experiment_id = tracking.use_experiment(cfg.experiment)  # may create it
 
-    # --- 3. the MLflow run --------------------------------------------------------------
-    tracker = Tracker.start(cfg.run_name, params, {
-        names.VARIANT_TAG: cfg.variant, names.MODEL_TAG: cfg.model,
-        names.LAYERS_RESOLVED_TAG: ",".join(cfg.layers),
-        names.METRIC_LAYERS_TAG: ",".join(every_step_layers(params, cfg)),
-        names.DEVICE_TAG: str(device), names.STEPS_PER_EPOCH_TAG: str(data.steps_per_epoch),
-        names.DATA_PATH_TAG: data.path, names.DATA_RESIZE_TAG: data.resize,
-        names.CODE_VERSION_TAG: code_version(), **(tags or {}),
-    }, experiment_id=experiment_id, system_metrics=cfg.wants_system_metrics(device.type),
-        run_id=resume.run_id if resume else None)
-    if resume is not None and os.environ.get("MLFLOW_RUN_ID") not in (None, resume.run_id):
-        tracking.mark_launcher(os.environ["MLFLOW_RUN_ID"], resume.run_id)
-    tracker.set_note(describe(cfg, data.source))
+def run(cfg: Config, tags: dict[str, str] | None = None) -> str | None:
+    """Train one variant and log it; returns the MLflow run ID (None on DDP ranks other
+    than 0). ``tags`` are added to the run. With ``nproc_per_node`` x ``nnodes`` > 1 this
+    process becomes the launcher: torchrun starts the ranks, which come back here."""
+    if cfg.world_size > 1 and not distributed.launched():
+        preflight(cfg)  # bad input: one line, before any process starts
+        return distributed.launch(cfg, cfg.to_params(), tags)
+    world = distributed.World.from_env()
+    if world.size != cfg.world_size:  # started by hand: `torchrun ... -m pipeline train`
+        cfg = dataclasses.replace(cfg, nproc_per_node=world.local_size,
+                                  nnodes=world.size // world.local_size)
+    comm = None
+    try:
+        with distributed.guard(world, lambda: comm):
+            # --- 1. check everything cheap before any download or device work -----------
+            prep = preflight(cfg, world)
+            cfg, params, device, model = prep.cfg, prep.params, prep.device, prep.model
+            if world.main:
+                for line in device_notes(device):
+                    print(line, file=sys.stderr)
+            if world.size > 1 and device.type == "cpu":
+                # The ranks on one machine share its cores (torchrun would set 1 thread each).
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_size))
+            comm = distributed.Comm(world, device)
+            return _run(prep, comm, tags)
+    finally:
+        if comm is not None:
+            comm.close()
+
+
+def _run(prep: Prepared, comm: distributed.Comm, tags: dict[str, str] | None) -> str | None:
+    cfg, params, device, model, resume = prep.cfg, prep.params, prep.device, prep.model, prep.resume
+    world = comm.world
+    # --- 2. data (may download: rank 0 first, so the ranks never race on the files) -------
+    if not world.main:
+        comm.barrier()
+    data = data_mod.build(cfg, device, world.rank, world.size, world.local_size)
+    if world.main:
+        comm.barrier()
+
+    # --- 3. the MLflow run (rank 0 only) ----------------------------------------------------
+    if world.main:
+        experiment_id = tracking.use_experiment(cfg.experiment)  # may create it
+        tracker = Tracker.start(cfg.run_name, {**params, names.WORLD_SIZE_PARAM: str(world.size)}, {
+            names.VARIANT_TAG: cfg.variant, names.MODEL_TAG: cfg.model,
+            names.LAYERS_RESOLVED_TAG: ",".join(cfg.layers),
+            names.METRIC_LAYERS_TAG: ",".join(every_step_layers(params, cfg)),
+            names.DEVICE_TAG: str(device), names.STEPS_PER_EPOCH_TAG: str(data.steps_per_epoch),
+            names.DATA_PATH_TAG: data.path, names.DATA_RESIZE_TAG: data.resize,
+            names.DATA_DROPPED_TAG: str(data.dropped_per_epoch),
+            names.CODE_VERSION_TAG: code_version(), **distributed.launch_tags(), **(tags or {}),
+        }, experiment_id=experiment_id, system_metrics=cfg.wants_system_metrics(device.type),
+            run_id=resume.run_id if resume else None)
+        distributed.announce_run(tracker.run_id)
+        if resume is not None and os.environ.get("MLFLOW_RUN_ID") not in (None, resume.run_id):
+            tracking.mark_launcher(os.environ["MLFLOW_RUN_ID"], resume.run_id)
+        tracker.set_note(describe(cfg, data.source))
+    else:
+        tracker = tracking.Silent()
     with tracker.ending(), precision_mode(cfg.precision, device) as autocast:
-        # What reproduces this run: the resolved configuration and the software it ran on.
-        tracker.log_dict({"params": params, "code_version": code_version()},
-                         names.CONFIG_JSON)
-        tracker.set_tags(environment(device))
-        tracker.log_datasets(data.lineage)
+        if world.main:
+            # What reproduces this run: the resolved configuration and the software it ran on.
+            tracker.log_dict({"params": params, "code_version": code_version()},
+                             names.CONFIG_JSON)
+            tracker.set_tags(environment(device))
+            tracker.log_datasets(data.lineage)
         gradients, summary, dense = _train(cfg, model, data, device, autocast, tracker,
-                                           use_graph, resume, every_step_layers(params, cfg))
+                                           prep.use_graph, resume, every_step_layers(params, cfg),
+                                           comm)
+        if not world.main:
+            return None
         _log_artifacts(cfg, tracker, gradients, summary, data)
         _log_gradient_flow(cfg, tracker, dense, data)
         if cfg.wants_model:
@@ -225,9 +298,23 @@ def find_resume_point(cfg: Config) -> ResumePoint:
     if not path.exists():
         raise ConfigError("resume", f"run {run_id} has no checkpoint at {path}; pass the "
                                     "checkpoint_dir it was trained with")
-    resolved = dataclasses.replace(original, resume=run_id, checkpoint_dir=cfg.checkpoint_dir,
-                                   layers=resolve_layers(original))
-    return ResumePoint(run_id, path, resolved, logged)
+    return ResumePoint(run_id, path, _resumed_config(original, cfg), logged)
+
+
+def _resumed_config(original: Config, cfg: Config) -> Config:
+    """The run's own configuration, except where this launch decides: the checkpoint
+    folder and how many processes train (the global batches are the same for any number)."""
+    return dataclasses.replace(original, resume=cfg.resume_id, checkpoint_dir=cfg.checkpoint_dir,
+                               nproc_per_node=cfg.nproc_per_node, nnodes=cfg.nnodes,
+                               rdzv_endpoint=cfg.rdzv_endpoint, layers=resolve_layers(original))
+
+
+def resume_point_from_file(cfg: Config) -> ResumePoint:
+    """A DDP rank other than 0 (which never reads MLflow): the run's parameters from the
+    checkpoint file itself."""
+    path = checkpoint.path_for(cfg.checkpoint_dir, cfg.resume_id)
+    logged = checkpoint.read_params(path)
+    return ResumePoint(cfg.resume_id, path, _resumed_config(Config.from_strings(logged), cfg), logged)
 
 
 def environment(device: torch.device) -> dict[str, str]:
@@ -323,7 +410,10 @@ class NonFiniteWatch:
                 names.NONFINITE_FIRST_TAG: f"{key}={value} at step {step}"}
 
 
-def _train(cfg, model, data, device, autocast, tracker, use_graph, resume=None, every_step=None):
+def _train(cfg, model, data, device, autocast, tracker, use_graph, resume=None, every_step=None,
+           comm: distributed.Comm | None = None):
+    comm = comm or distributed.Comm(distributed.World(), device)
+    main = comm.world.main
     channels_last = cfg.wants_channels_last(device.type)
     model.to(device).train()
     if channels_last:
@@ -342,27 +432,32 @@ def _train(cfg, model, data, device, autocast, tracker, use_graph, resume=None, 
     if resume is not None:
         position, resumed = checkpoint.load(resume.path, model, optimizer, device)
         data.order.resume(position.order_state, position.batch * cfg.batch_size)
-        history = query.metric_histories(tracker.run_id)
+        if main:
+            history = query.metric_histories(tracker.run_id)
         tracker.set_tags({names.RESUMED_AT_TAG: str(position.step)})
+    net = comm.wrap(model, device)  # after loading: every rank starts from the same weights
 
     # The buffer never needs more rows than the run has steps.
     probes = GradientProbes(model, cfg.layers, min(cfg.flush_every, total), device,
-                            flush_seconds=FLUSH_SECONDS)
+                            flush_seconds=FLUSH_SECONDS, reduce=comm.reduce_probes,
+                            outputs=cfg.probes_outputs, weights=cfg.probes_weights)
     probes.start_at(position.step)
-    step_fn = engine.Step(model, optimizer, probes, autocast, device, graph=use_graph,
+    step_fn = engine.Step(net, optimizer, probes, autocast, device, graph=use_graph,
                           channels_last=channels_last)
     # The probes measure every layer; the metric writer gets the every-step columns (and
     # the loss), the Collector the full rows: the dense artifact, the thinned metrics of the
     # other layers (with layers=all), the NaN watch and the dead-network warning.
     every_step = tuple(cfg.layers) if every_step is None else tuple(every_step)
-    keys = [names.grad_norm(layer) for layer in every_step] + [names.TRAIN_LOSS]
     progress = Progress(cfg.epochs, steps_per_epoch, cfg.batch_size, total,
-                        estimate=device.type == "cpu")
-    watch = NonFiniteWatch([names.grad_norm(layer) for layer in cfg.layers] + [names.TRAIN_LOSS],
-                           position.step, lambda values: None)
+                        estimate=device.type == "cpu",
+                        stream=None if main else open(os.devnull, "w"))  # rank 0 speaks
+    columns = gradient_flow.Collector(cfg.layers, every_step, cfg.metric_every,
+                                      outputs=cfg.probes_outputs, weights=cfg.probes_weights)
+    watch = NonFiniteWatch(columns.all_keys, position.step, lambda values: None)
     collector = gradient_flow.Collector(cfg.layers, every_step, cfg.metric_every, then=watch,
-                                        warn=progress.write)
-    tracker.stream(keys, on_values=progress.on_values, history=history)
+                                        warn=progress.write, outputs=cfg.probes_outputs,
+                                        weights=cfg.probes_weights)
+    tracker.stream(collector.keys, on_values=progress.on_values, history=history)
 
     def send_thinned() -> bool:
         """The thinned points the writer thread has collected, queued from this thread."""
@@ -381,13 +476,20 @@ def _train(cfg, model, data, device, autocast, tracker, use_graph, resume=None, 
 
     def save_checkpoint(at_epoch: int, at_batch: int, seen: int) -> bool:
         """Points before ``step`` land first: a resume never redoes them. Refused once a
-        NaN/Inf was seen with on_nan=stop, so the last checkpoint stays the last good one."""
+        NaN/Inf was seen with on_nan=stop, so the last checkpoint stays the last good one.
+        Under DDP every rank comes here at the same step; rank 0 writes the file."""
         submit(probes.drain())
         tracker.wait()
         if send_thinned():
             tracker.wait()
-        if watch.first is not None and cfg.on_nan == "stop":
+        # The ranks agree, as rank 0 alone reads the norms back.
+        bad, = comm.agree([int(watch.first is not None and cfg.on_nan == "stop")])
+        agreed["nan"] = agreed["nan"] or bool(bad)
+        if bad:
             return False
+        correct, seen = _global_counts(comm, step_fn.correct, seen, device)
+        if not main:
+            return True
         # Mid-epoch: this epoch's order is redrawn from its start state; at an epoch's end
         # the generator has already moved on to the next epoch's state.
         order_state = (data.order.start_state if at_batch
@@ -395,7 +497,7 @@ def _train(cfg, model, data, device, autocast, tracker, use_graph, resume=None, 
         checkpoint.save(ckpt_path, model, optimizer,
                         checkpoint.Position(step, at_epoch, at_batch, order_state),
                         cfg.to_params(), {"run_id": tracker.run_id,
-                                          "correct": int(step_fn.correct.item()), "seen": seen})
+                                          "correct": correct, "seen": seen})
         return True
 
     def on_step(i):  # i counts from 0 within this call; ``step`` is read at call time
@@ -405,10 +507,20 @@ def _train(cfg, model, data, device, autocast, tracker, use_graph, resume=None, 
         if cfg.checkpoint_every and (step + i + 1) % cfg.checkpoint_every == 0:
             due["checkpoint"] = True
 
+    agreed = {"signum": 0, "nan": False}  # what every rank knows, after comm.agree
+
+    def agree() -> None:
+        """Under DDP a signal or a NaN seen by one rank (rank 0 alone reads the norms back)
+        must stop every rank after the same step, or the others would wait for it forever:
+        one gloo all_reduce of two host flags per step (a no-op with one process)."""
+        signum, nan = comm.agree([signals["signum"] or 0,
+                                  int(cfg.on_nan == "stop" and watch.first is not None)])
+        agreed["signum"], agreed["nan"] = signum, agreed["nan"] or bool(nan)
+
     with stop_on_signals() as signals:
-        def stop() -> bool:  # host flags only: no sync
-            return (signals["signum"] is not None or due["checkpoint"]
-                    or (cfg.on_nan == "stop" and watch.first is not None))
+        def stop() -> bool:  # host flags only: no device sync
+            agree()
+            return bool(agreed["signum"] or agreed["nan"] or due["checkpoint"])
 
         if resume is None:
             save_checkpoint(0, 0, 0)  # the state before any step: always a good one
@@ -418,26 +530,30 @@ def _train(cfg, model, data, device, autocast, tracker, use_graph, resume=None, 
                 if not epoch_open:
                     progress.start_epoch(epoch)
                     t0, epoch_open = time.perf_counter(), True
-                    # A resumed epoch carries on the counts of its first part.
-                    step_fn.correct.fill_(resumed.get("correct", 0) if in_epoch else 0)
-                    seen = resumed.get("seen", 0) if in_epoch else 0
+                    # A resumed epoch carries on the counts of its first part (global
+                    # counts: under DDP rank 0 carries them, the others start from 0).
+                    carried = bool(in_epoch and main)
+                    step_fn.correct.fill_(resumed.get("correct", 0) if carried else 0)
+                    seen = resumed.get("seen", 0) if carried else 0
                 limit = cfg.max_steps - step if cfg.max_steps else None
                 done, images = engine.run_steps(step_fn, data.train, device, probes,
                                                 submit, on_step, limit, stop)
                 step, in_epoch, seen = step + done, in_epoch + done, seen + images
-                if signals["signum"] is not None:
+                agree()  # the loop may have ended without asking stop() (an epoch's end)
+                if agreed["signum"]:
                     save_checkpoint(epoch, in_epoch, seen)
-                    name = signal.Signals(signals["signum"]).name
-                    raise Interrupted(f"{name} after step {step - 1}; checkpoint {ckpt_path} "
-                                      f"(resume with -P resume={tracker.run_id})", signals["signum"])
-                if cfg.on_nan == "stop" and watch.first is not None:
-                    _stop_for_nonfinite(watch, ckpt_path, tracker, probes, submit)
+                    name = signal.Signals(agreed["signum"]).name
+                    raise _agreed(comm, Interrupted(
+                        f"{name} after step {step - 1}; checkpoint {ckpt_path} "
+                        f"(resume with -P resume={tracker.run_id})", agreed["signum"]))
+                if agreed["nan"]:
+                    _stop_for_nonfinite(watch, ckpt_path, tracker, probes, submit, comm)
                 epoch_done = in_epoch >= steps_per_epoch or bool(cfg.max_steps and step >= cfg.max_steps)
                 if due["checkpoint"]:
                     due["checkpoint"] = False
                     if not epoch_done:
                         if not save_checkpoint(epoch, in_epoch, seen):
-                            _stop_for_nonfinite(watch, ckpt_path, tracker, probes, submit)
+                            _stop_for_nonfinite(watch, ckpt_path, tracker, probes, submit, comm)
                         # the rest of the epoch: the same order, from where it stopped
                         data.order.resume(data.order.start_state, in_epoch * cfg.batch_size)
                         continue
@@ -446,9 +562,10 @@ def _train(cfg, model, data, device, autocast, tracker, use_graph, resume=None, 
                 if device.type == "cuda":
                     torch.cuda.synchronize()  # once per epoch, so the timing below is honest
                 train_seconds = time.perf_counter() - t0
-                test_loss, test_acc = evaluate(model, data.test, device, autocast)
+                test_loss, test_acc = evaluate(model, data.test, device, autocast, comm)
+                correct, seen = _global_counts(comm, step_fn.correct, seen, device)
                 summary = {
-                    names.TRAIN_ACCURACY: step_fn.correct.item() / max(seen, 1),
+                    names.TRAIN_ACCURACY: correct / max(seen, 1),
                     names.TEST_ACCURACY: test_acc,
                     names.TEST_LOSS: test_loss,
                     names.EPOCH_SECONDS: time.perf_counter() - t0,
@@ -461,7 +578,7 @@ def _train(cfg, model, data, device, autocast, tracker, use_graph, resume=None, 
                     f"({summary[names.IMAGES_PER_SECOND]:.0f} img/s)")
                 epoch, in_epoch, epoch_open = epoch + 1, 0, False
                 if not save_checkpoint(epoch, 0, 0):  # every epoch's end, and the run's
-                    _stop_for_nonfinite(watch, ckpt_path, tracker, probes, submit)
+                    _stop_for_nonfinite(watch, ckpt_path, tracker, probes, submit, comm)
                 if cfg.max_steps and step >= cfg.max_steps:
                     break
         finally:
@@ -473,22 +590,46 @@ def _train(cfg, model, data, device, autocast, tracker, use_graph, resume=None, 
     tracker.wait()
     send_thinned()
     series = tracker.flush()
-    gradients = {layer: [v for _, v in sorted(series.get(names.grad_norm(layer), []))]
+    # gradients.json and its plot: the output-gradient norms (the notebook's), or with
+    # probe=weight the weight-gradient norms.
+    key = names.grad_norm if cfg.probes_outputs else names.weight_grad_norm
+    gradients = {layer: [v for _, v in sorted(series.get(key(layer), []))]
                  for layer in every_step}
     summary["steps"] = step
-    if cfg.wants_checkpoint_artifact:
+    if cfg.wants_checkpoint_artifact and main:
         tracker.log_artifact(ckpt_path, names.CHECKPOINT_ARTIFACT)
     return gradients, summary, collector.dense()
 
 
 def _stop_for_nonfinite(watch: NonFiniteWatch, ckpt_path, tracker: Tracker, probes,
-                        submit=None) -> None:
+                        submit=None, comm: distributed.Comm | None = None) -> None:
     (submit or tracker.submit)(probes.drain())  # the steps run meanwhile are recorded too
     tracker.wait()
+    if watch.first is None:  # a DDP rank other than 0: rank 0 saw it
+        raise _agreed(comm, NumericalError("on_nan=stop: rank 0 saw a NaN/Inf"))
     step, key, value = watch.first
-    raise NumericalError(f"on_nan=stop: {key} was {value} at step {step}; the last good "
-                         f"checkpoint is {ckpt_path} (resume with -P resume={tracker.run_id}, "
-                         "or record and go on with -P on_nan=continue)")
+    raise _agreed(comm, NumericalError(
+        f"on_nan=stop: {key} was {value} at step {step}; the last good "
+        f"checkpoint is {ckpt_path} (resume with -P resume={tracker.run_id}, "
+        "or record and go on with -P on_nan=continue)"))
+
+
+def _agreed(comm: distributed.Comm | None, error: BaseException) -> BaseException:
+    """Mark a stop every rank makes together (distributed.guard then waits for rank 0)."""
+    if comm is not None and comm.size > 1:
+        error.agreed = True
+    return error
+
+
+def _global_counts(comm: distributed.Comm, correct: torch.Tensor, seen: int,
+                   device: torch.device) -> tuple[int, int]:
+    """Training accuracy's counts over every rank: one all_reduce and one read (a sync, once
+    per epoch or checkpoint)."""
+    counts = torch.stack([correct.detach().clone(),
+                          torch.tensor(seen, dtype=torch.int64, device=device)])
+    comm.sum_(counts)
+    correct, seen = counts.tolist()
+    return int(correct), int(seen)
 
 
 def _log_engine(tracker: Tracker, step_fn: engine.Step, channels_last: bool,
@@ -507,7 +648,8 @@ def _log_artifacts(cfg, tracker, gradients, summary, data) -> None:
     fig = plots.gradient_norms(
         gradients, f"Gradient norms - {cfg.model} ({variant}), {cfg.dataset} "
                    f"{cfg.image_size}px, {cfg.optimizer} lr {cfg.lr}",
-        batches_per_epoch=data.steps_per_epoch)
+        batches_per_epoch=data.steps_per_epoch,
+        quantity="dLoss/d(layer output)" if cfg.probes_outputs else "dLoss/d(layer weights)")
     try:
         tracker.log_figure(fig, names.GRADIENT_PLOT)
     finally:
@@ -527,13 +669,25 @@ def _log_gradient_flow(cfg, tracker, dense, data) -> None:
         tracker.log_artifact(path, names.NORMS_NPZ)  # sent (or spooled) before it returns
     variant = "with skip connections" if cfg.skip else "without skip connections"
     title = f"{cfg.model} ({variant}), {cfg.dataset} {cfg.image_size}px"
-    for make, path in ((plots.gradient_flow, names.GRADIENT_FLOW_PLOT),
-                       (plots.depth_profile_at_steps, names.DEPTH_PROFILE_PLOT)):
-        fig = make(dense["steps"], list(dense["layers"]), dense["norms"], title,
-                   batches_per_epoch=data.steps_per_epoch)
+    figures = []
+    if "norms" in dense:
+        figures += [(plots.gradient_flow, names.GRADIENT_FLOW_PLOT, "norms", "dLoss/d(output)"),
+                    (plots.depth_profile_at_steps, names.DEPTH_PROFILE_PLOT, "norms",
+                     "dLoss/d(layer output)")]
+    if "weight_norms" in dense:
+        figures += [(plots.gradient_flow, names.WEIGHT_GRADIENT_FLOW_PLOT, "weight_norms",
+                     "dLoss/d(layer weights)"),
+                    (plots.depth_profile_at_steps, names.WEIGHT_DEPTH_PROFILE_PLOT,
+                     "weight_norms", "dLoss/d(layer weights)")]
+    for make, path, column, quantity in figures:
+        fig = make(dense["steps"], list(dense["layers"]), dense[column], title,
+                   batches_per_epoch=data.steps_per_epoch, quantity=quantity)
         try:
             tracker.log_figure(fig, path)
         finally:
             plots.close(fig)
-    tracker.set_tags(gradient_flow.diagnose(dense["steps"], list(dense["layers"]), dense["norms"],
-                                            dense["loss"], data_mod.NUM_CLASSES))
+    if "norms" in dense:  # the rules read output-gradient norms (README)
+        tracker.set_tags(gradient_flow.diagnose(dense["steps"], list(dense["layers"]),
+                                                dense["norms"], dense["loss"], data_mod.NUM_CLASSES))
+    else:
+        tracker.set_tags({names.HEALTH_TAG: "unknown"})

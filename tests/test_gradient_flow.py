@@ -123,6 +123,13 @@ def test_compare_works_on_a_pair_of_layers_all_runs_with_thinned_metrics(trackin
     # resnet18: 17 convs + fc run in both variants (the 3 downsample convs only with skip)
     assert len(client.get_run(compare_id).data.tags["compare.layers"].split(",")) == 18
     assert client.get_run(compare_id).info.status == "FINISHED"
+    # both runs have every layer in norms.npz: the difference heatmap has all 18 shared
+    # layers, while the per-layer panels are capped at 8 (tests/test_compare_heatmap.py)
+    tags = client.get_run(compare_id).data.tags
+    assert tags[names.DIFFERENCE_TAG] == "logged"
+    assert names.DIFFERENCE_PLOT in {a.path for a in client.list_artifacts(compare_id, "comparison")}
+    assert "for 18 layers x" in tags[names.NOTE_TAG]
+    assert len(tags[names.PANEL_LAYERS_TAG].split(",")) == 8
 
 
 def test_explicit_layers_are_all_logged_every_step_and_fill_the_dense_artifact(tracking_store, tmp_path):

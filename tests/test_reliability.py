@@ -33,8 +33,7 @@ EXACT_KEYS = [names.TRAIN_LOSS, names.TRAIN_ACCURACY, names.TEST_ACCURACY, names
               "grad_norm/conv1", "grad_norm/layer1.0.conv1", "grad_norm/fc"]
 
 
-@pytest.fixture
-def tracking_store(tmp_path, monkeypatch):
+def server_store(tmp_path, monkeypatch):
     """A real `mlflow server` for this test; training processes run in ``tmp_path`` (their
     checkpoints land in ``tmp_path/checkpoints``) with MLFLOW_TRACKING_URI pointing at it."""
     server = MlflowServer(tmp_path / "server")
@@ -47,6 +46,10 @@ def tracking_store(tmp_path, monkeypatch):
         yield Store(tmp_path, server.url)
     finally:
         server.kill()
+
+
+# This module's tests all run against a server (tests/test_distributed_runs.py imports it too).
+tracking_store = pytest.fixture(server_store, name="tracking_store")
 
 
 def all_runs(client: MlflowClient):

@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from pipeline import code_version, query, workflow
+from pipeline import code_version, names, query, workflow
 from pipeline.config import Config
 from runs_helpers import (TINY_TRAIN, Store, deactivate_store, describe, new_store,
                           run_pipeline)
@@ -96,7 +96,10 @@ def test_all_passes_training_params_through_to_both_variants(first_all):
     tags, runs, client = first_all.parent.data.tags, first_all.runs, first_all.store.client
     for variant in ("noskip", "skip"):
         run = runs[tags[f"all.{variant}_run"]]
-        assert Config.from_strings(run.data.params) == dataclasses.replace(
+        # world_size is derived (nproc_per_node x nnodes), logged beside the parameters.
+        params = dict(run.data.params)
+        assert params.pop(names.WORLD_SIZE_PARAM) == "1"
+        assert Config.from_strings(params) == dataclasses.replace(
             CFG, skip=variant == "skip"), variant
         assert run.data.params["max_steps"] == "6" and run.data.params["image_size"] == "32"
         # ... and the training obeyed them: synthetic_size / batch_size batches per epoch,

@@ -1,0 +1,198 @@
+"""DDP: the global batch's norms from ranks that each see a share of it, the launcher's
+checks and failure reports, and the sharding of batches.
+
+The equivalence test runs real ``torch.distributed`` with gloo on the CPU (two spawned
+processes) against one process on the whole batch; the end-to-end runs through torchrun
+and ``mlflow run`` are in tests/test_distributed_runs.py (slow).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from pipeline import distributed, engine
+from pipeline.config import Config, ConfigError
+from pipeline.data import ShardedBatches, EpochOrder, global_batches, rank_share
+from pipeline.models import all_layers, build_model
+from pipeline.probes import GradientProbes
+from runs_helpers import describe, free_port
+
+from conftest import subprocess_env
+
+BATCH, SIZE, STEPS = 8, 32, 2
+
+
+def _batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.rand(BATCH, 3, SIZE, SIZE, generator=g), torch.randint(0, 10, (BATCH,), generator=g))
+            for _ in range(STEPS)]
+
+
+def _train_shard(rank: int, world_size: int, port: int, out: str) -> None:
+    """STEPS training steps of resnet18 (no skips, every layer probed) on this rank's share
+    of each global batch; rank 0 saves the norms, losses and weights."""
+    torch.set_num_threads(1)
+    if world_size > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    cpu = torch.device("cpu")
+    comm = distributed.Comm(distributed.World(rank, world_size, rank, world_size), cpu)
+    torch.manual_seed(0)
+    model = build_model("resnet18", skip=False)
+    layers = all_layers(model, SIZE)
+    net = comm.wrap(model, cpu)
+    optimizer = engine.make_optimizer("adam", model.parameters(), 1e-3, capturable=False)
+    probes = GradientProbes(model, tuple(layers), STEPS + 1, cpu, reduce=comm.reduce_probes,
+                            weights=True)  # output and weight gradients (probe=both)
+    step = engine.Step(net, optimizer, probes, contextlib.nullcontext, cpu, graph=False)
+    for x, y in _batches():
+        lo, hi = rank_share(0, BATCH, rank, world_size)
+        step(x[lo:hi], y[lo:hi])
+        probes.advance()
+    values = probes.drain().values()
+    if rank == 0:
+        torch.save({"values": values, "layers": layers,
+                    "weights": {k: v.clone() for k, v in model.state_dict().items()}}, out)
+    comm.close()
+
+
+def test_two_gloo_ranks_on_half_batches_log_the_norms_and_reach_the_weights_of_one_process(tmp_path):
+    one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
+    _train_shard(0, 1, 0, one)
+    mp.spawn(_train_shard, args=(2, free_port(), two), nprocs=2, join=True)
+    a, b = torch.load(one, weights_only=False), torch.load(two, weights_only=False)
+    assert a["layers"] == b["layers"] and len(a["layers"]) == 18  # stem, 16 block convs, fc (no downsample: skips off)
+    # columns: 18 output-gradient norms, the loss, 18 weight-gradient norms
+    assert a["values"].shape == (STEPS, 18 + 1 + 18) and (a["values"] > 0).all()
+    np.testing.assert_allclose(b["values"], a["values"], rtol=1e-6)  # every layer, every step
+    for name, weight in a["weights"].items():
+        torch.testing.assert_close(b["weights"][name], weight, rtol=1e-6, atol=1e-9)
+    # The weights did move: the comparison is not of two untouched copies.
+    torch.manual_seed(0)
+    start = build_model("resnet18", skip=False).state_dict()
+    assert not torch.equal(start["conv1.weight"], a["weights"]["conv1.weight"])
+
+
+def test_without_the_one_over_world_size_squared_factor_the_norms_would_be_twice_as_large(tmp_path):
+    # The factor the reduction applies is what makes the test above pass: summing the ranks'
+    # squared local norms alone gives (W^2 / W) = 2x the global squared norm here.
+    cur = torch.tensor([4.0, 9.0, 3.0], dtype=torch.float64)  # two layers' squares, then loss
+    world = 2
+    summed = cur * world  # what all_reduce returns when both ranks hold the same values
+    summed[:-1] *= 1.0 / world ** 2
+    summed[-1:] *= 1.0 / world
+    np.testing.assert_allclose(summed.numpy(), [2.0, 4.5, 3.0])
+
+
+# --- sharding ---------------------------------------------------------------------------------
+def test_the_ranks_shares_partition_every_global_batch_in_order():
+    # Every rank draws the same seeded epoch order (one EpochOrder each, as each process has).
+    one = list(ShardedBatches(EpochOrder(list(range(50)), seed=3), 10))
+    halves = [list(ShardedBatches(EpochOrder(list(range(50)), seed=3), 10, rank, 2))
+              for rank in (0, 1)]
+    assert [a + b for a, b in zip(*halves)] == one
+    assert all(len(a) == len(b) == 5 for a, b in zip(*halves))
+    assert sorted(i for batch in one for i in batch) == list(range(50))
+
+
+def test_a_last_batch_that_does_not_split_over_the_ranks_is_dropped_and_one_that_does_is_kept():
+    assert list(global_batches(50, 16, 1)) == [(0, 16), (16, 32), (32, 48), (48, 50)]
+    assert list(global_batches(50, 16, 2)) == [(0, 16), (16, 32), (32, 48), (48, 50)]  # 2 splits
+    assert list(global_batches(51, 16, 2)) == [(0, 16), (16, 32), (32, 48)]            # 3 does not
+    assert len(ShardedBatches(EpochOrder(list(range(51)), 0), 16, 0, 2)) == 3
+    assert rank_share(48, 50, 1, 2) == (49, 50)
+
+
+# --- configuration ---------------------------------------------------------------------------
+@pytest.mark.parametrize("values, param", [
+    ({"nproc_per_node": "2", "batch_size": "15"}, "batch_size"),
+    ({"nproc_per_node": "2", "nnodes": "2", "batch_size": "18"}, "batch_size"),
+    ({"nproc_per_node": "2", "graph": "on"}, "graph"),
+    ({"nproc_per_node": "2", "device": "mps"}, "device"),
+    ({"nnodes": "2"}, "rdzv_endpoint"),
+    ({"nproc_per_node": "0"}, "nproc_per_node"),
+])
+def test_ddp_settings_that_cannot_work_are_refused_naming_the_parameter(values, param):
+    with pytest.raises(ConfigError) as e:
+        Config.from_strings(values)
+    assert e.value.param == param
+
+
+def test_the_global_batch_is_what_each_rank_shares():
+    cfg = Config.from_strings({"nproc_per_node": "4", "nnodes": "2", "batch_size": "64",
+                               "rdzv_endpoint": "node0:29400"})
+    assert cfg.world_size == 8
+    assert distributed.torchrun_args(4, 2, "node0:29400", "x")[:3] == [
+        "--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d"]
+    assert distributed.torchrun_args(2, 1, None, "x") == ["--standalone", "--nproc-per-node=2"]
+
+
+def test_an_uneven_batch_is_refused_in_one_line_before_any_process_starts(tmp_path):
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "train", "--nproc-per-node", "2",
+                           "--batch-size", "15", "--device", "cpu"], cwd=tmp_path,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, describe(proc)
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["error: batch_size: 15 does not split evenly over world_size 2 "
+                     "(nproc_per_node x nnodes); allowed: a multiple of 2"], describe(proc)
+    assert "torchrun" not in proc.stdout + proc.stderr
+    assert time.monotonic() - started < 60
+
+
+# --- the launcher's report of a failed rank ---------------------------------------------------
+def _report(folder, rank: int, reason: str, when: float, kind: str = "error") -> None:
+    (folder / f"rank-{rank}.json").write_text(json.dumps(
+        {"rank": rank, "kind": kind, "reason": reason, "time": when}))
+
+
+def test_the_first_rank_to_fail_is_named_and_its_run_ends_failed(tracking_store, tmp_path):
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+
+    client = MlflowClient()
+    run = client.create_run(client.create_experiment("ddp"))
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / distributed.RUN_ID_FILE).write_text(run.info.run_id)
+    _report(shared, 0, "RuntimeError: Connection closed by peer", when=20.0)
+    _report(shared, 1, "ValueError: a real problem", when=10.0)
+    failure = distributed._failure(shared, {0: 1, 1: 1}, tracking)
+    assert str(failure) == (f"rank 1: ValueError: a real problem; MLflow run {run.info.run_id} "
+                            "ended FAILED")
+    assert failure.exit_code == 1 and not failure.printed
+    ended = client.get_run(run.info.run_id)
+    assert ended.info.status == "FAILED"
+    assert ended.data.tags["error"] == "rank 1: ValueError: a real problem"
+    assert ended.data.tags["ddp.failed_rank"] == "1"
+
+
+def test_a_rank_that_died_without_a_word_is_named_with_its_signal(tracking_store, tmp_path):
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+
+    client = MlflowClient()
+    run = client.create_run(client.create_experiment("ddp"))
+    (tmp_path / distributed.RUN_ID_FILE).write_text(run.info.run_id)
+    failure = distributed._failure(tmp_path, {1: -9}, tracking)
+    assert str(failure).startswith("rank 1 died (signal 9) without an error message")
+    assert client.get_run(run.info.run_id).info.status == "FAILED"
+
+
+def test_a_users_error_on_rank_0_is_not_printed_twice(tracking_store, tmp_path):
+    from pipeline import tracking
+
+    _report(tmp_path, 0, "data: no images in ./x", when=1.0, kind="user")
+    failure = distributed._failure(tmp_path, {0: 2}, tracking)
+    assert failure.printed and failure.exit_code == 2

@@ -1,0 +1,147 @@
+"""DDP end to end, through torchrun on the CPU (gloo): `mlflow run -P nproc_per_node=2` makes
+one run with every step once and the same numbers as one process; a rank that dies ends the
+run FAILED naming it; SIGTERM stops every rank after the same step and the run resumes.
+"""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+from mlflow import MlflowClient
+
+from pipeline import checkpoint, names
+
+import test_reliability
+from runs_helpers import describe, run_mlflow, run_pipeline, subprocess_env
+from test_reliability import TINY, all_runs, history
+
+pytestmark = pytest.mark.slow
+
+SMALL = {"device": "cpu", "dataset": "synthetic", "image_size": "32", "max_steps": "10"}
+
+
+def test_mlflow_run_on_two_processes_makes_one_run_with_each_step_once_and_one_process_numbers(
+        tracking_store):
+    proc = run_mlflow(tracking_store, "main", {"nproc_per_node": "2", **SMALL}, timeout=400)
+    assert proc.returncode == 0, describe(proc)
+    client = MlflowClient()
+    runs = all_runs(client)
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    ddp = runs[0]
+    assert ddp.info.status == "FINISHED"
+    assert ddp.data.params[names.WORLD_SIZE_PARAM] == "2"
+    assert ddp.data.params["nproc_per_node"] == "2"
+    keys = [names.TRAIN_LOSS] + [names.grad_norm(layer) for layer in
+                                 ddp.data.tags[names.LAYERS_RESOLVED_TAG].split(",")]
+    for key in keys:
+        assert [s for s, _ in history(client, ddp.info.run_id, key)] == list(range(10)), key
+
+    # The same parameters in one process: the same norms and losses. Step 0 starts from the
+    # same weights, so it agrees to rounding. Later steps start from weights that differ by
+    # rounding (DDP averages two half-batch gradients, one process sums one batch), and
+    # Adam divides by sqrt(v) + 1e-8 where these no-skip gradients are ~1e-22: the first
+    # layers' norms then differ by up to 3e-4 relative (measured), the head's by ~1e-7.
+    args = [a for k, v in SMALL.items() for a in (f"--{k.replace('_', '-')}", v)]
+    one = run_pipeline(tracking_store, "train", *args, timeout=400)
+    assert one.returncode == 0, describe(one)
+    single = next(r for r in all_runs(client) if r.info.run_id != ddp.info.run_id)
+    assert single.data.params[names.WORLD_SIZE_PARAM] == "1"
+    for key in keys:
+        a = np.array([v for _, v in history(client, single.info.run_id, key)])
+        b = np.array([v for _, v in history(client, ddp.info.run_id, key)])
+        np.testing.assert_allclose(b[0], a[0], rtol=1e-6, err_msg=key)
+        np.testing.assert_allclose(b, a, rtol=1e-2, err_msg=key)
+
+
+# --- failures and signals, against a real mlflow server ----------------------------------------
+server_store = pytest.fixture(test_reliability.server_store, name="server_store")
+
+
+def launch(store, *args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "train", *TINY,
+                             "--nproc-per-node", "2", *args],
+                            cwd=store.dir, env=subprocess_env(store), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for_points(client: MlflowClient, proc, at_least: int, timeout: float = 180) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"training ended early:\n{proc.communicate()[1][-3000:]}"
+        runs = [r for r in all_runs(client) if r.info.status == "RUNNING"]
+        if runs and len(client.get_metric_history(runs[0].info.run_id, names.TRAIN_LOSS)) >= at_least:
+            return runs[0].info.run_id
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"no {at_least} steps within {timeout} s")
+
+
+def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "pipeline" in " ".join(child.cmdline()):
+                return child
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no rank {rank} process under the launcher")
+
+
+def test_a_rank_killed_mid_run_ends_the_run_failed_naming_that_rank(server_store):
+    client = MlflowClient()
+    proc = launch(server_store, "--epochs", "50")
+    run_id = wait_for_points(client, proc, 4)
+    rank_process(proc, 1).kill()  # SIGKILL: no chance to say anything
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert lines == [f"error: rank 1 died (signal 9) without an error message; MLflow run "
+                     f"{run_id} ended FAILED"], err[-3000:]
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags[names.ERROR_TAG].startswith("rank 1 died (signal 9)")
+    assert run.data.tags[names.DDP_FAILED_RANK_TAG] == "1"
+
+
+def test_sigterm_stops_every_rank_after_the_same_step_and_the_run_resumes_on_two_processes(
+        server_store):
+    client = MlflowClient()
+    proc = launch(server_store, "--epochs", "2")
+    run_id = wait_for_points(client, proc, 4)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "interrupted: SIGTERM after step" in err, err[-3000:]
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED"
+    saved = checkpoint.path_for("checkpoints", run_id)
+    assert saved.exists()
+    stopped_at = int(run.data.tags[names.ERROR_TAG].split("after step ")[1].split(";")[0])
+
+    again = run_pipeline(server_store, "train", *TINY, "--nproc-per-node", "2", "--epochs", "2",
+                         "--resume", run_id, timeout=300)
+    assert again.returncode == 0, describe(again)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[names.RESUMED_AT_TAG] == str(stopped_at + 1)
+    steps = [s for s, _ in history(client, run_id, names.TRAIN_LOSS)]
+    assert steps == list(range(20))  # 2 epochs of 10; none twice, none lost
+
+
+def test_a_nan_that_rank_0_reads_back_stops_every_rank_and_fails_the_run_in_one_line(server_store):
+    from test_reliability import EXPLODE
+
+    client = MlflowClient()
+    proc = launch(server_store, *EXPLODE)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "on_nan=stop" in errors[0], err[-3000:]
+    (run,) = all_runs(client)
+    assert run.info.status == "FAILED"
+    assert run.data.tags[names.ERROR_TAG].startswith("rank 0: on_nan=stop")
+    assert int(run.data.tags[names.NONFINITE_COUNT_TAG]) > 0
