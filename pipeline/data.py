@@ -110,6 +110,18 @@ class Data:
     def steps_per_epoch(self) -> int:
         return len(self.train)
 
+    def close(self) -> None:
+        """Stop the loaders' persistent worker processes now. Left to the garbage
+        collector they outlive the run (the loaders sit in a reference cycle), and when it
+        frees them PyTorch waits out a 5 s join timeout per worker: 20 s per run on 2 cores,
+        measured in `sweep` and `all`. ``_shutdown_workers`` is what the iterator's own
+        ``__del__`` calls."""
+        for loader in (self.train, self.test):
+            iterator = getattr(loader, "_iterator", None)
+            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()
+                loader._iterator = None
+
 
 def _cifar10(cfg: Config, transform) -> tuple[Dataset, Dataset, str, list[Lineage]]:
     root = Path(cfg.data_dir)

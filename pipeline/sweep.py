@@ -10,10 +10,10 @@ table (``names``, "Sweep"). A model without skips (vgg19) has no skip=true cell.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +25,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from . import names, plots, query, tracking, train
+from . import checkpoint, names, plots, query, tracking, train
 from .config import (SWEEP_GRID_FIELDS, Config, SweepConfig, UserError, cell_name,
                      to_params)
 from .tracking import Tracker
@@ -89,7 +89,7 @@ def run_sweep(cfg: Config, opts: SweepConfig) -> str:
                                "is missing (finished cells are reused)", err=True)
                     raise
                 parent.set_tags(_cell_tags(cell))
-                _stop_loader_workers()
+                _drop_checkpoint(cell)
         parent.set_tags({names.SWEEP_RUNS_TAG: ",".join(c.run_id for c in cells),
                          names.SWEEP_REUSED_TAG: f"{sum(c.reused for c in cells)}/{len(cells)}"})
 
@@ -107,24 +107,12 @@ def run_sweep(cfg: Config, opts: SweepConfig) -> str:
     return parent.run_id
 
 
-def _stop_loader_workers() -> None:
-    """End the DataLoader worker processes a finished train.run left behind.
-
-    train.run returns with its loaders (persistent workers, num_workers each) still in a
-    reference cycle, so the workers outlive the run until the cycle collector frees them,
-    and it does so in an order that makes PyTorch wait out a 5 s join timeout per worker:
-    20 s per cell on 2 cores, 7 of the default grid's 15 minutes, or ~90 idle processes if
-    never collected. Shutting each live iterator down first takes ~0.1 s. A no-op once
-    train.run ends its loaders itself.
-    """
-    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
-
-    for obj in gc.get_objects():  # ~0.3 s
-        # type(), not isinstance(): the latter reads __class__, which some of torch's
-        # deprecated module attributes answer with a FutureWarning.
-        if issubclass(type(obj), _MultiProcessingDataLoaderIter):
-            obj._shutdown_workers()  # what the iterator's __del__ calls
-    gc.collect()
+def _drop_checkpoint(cell: Cell) -> None:
+    """A FINISHED cell's local checkpoint goes: a finished run is reused, never resumed,
+    and the default grid's checkpoints (weights + Adam's moments) come to ~11 GB (vgg19
+    alone 1.6 GB per cell). With log_checkpoint=true it stays as the run's artifact."""
+    shutil.rmtree(checkpoint.path_for(cell.cfg.checkpoint_dir, cell.run_id).parent,
+                  ignore_errors=True)
 
 
 def _cell_tags(cell: Cell) -> dict[str, str]:
@@ -171,6 +159,7 @@ def _train_in_processes(cells: list[Cell], parent: Tracker, experiment_id: str,
                     continue
                 cell.run_id = _child_run(cell, parent.run_id, experiment_id)
                 parent.set_tags(_cell_tags(cell))
+                _drop_checkpoint(cell)
     except BaseException:
         _stop(running)
         raise

@@ -233,6 +233,15 @@ def _run(prep: Prepared, comm: distributed.Comm, tags: dict[str, str] | None) ->
     data = data_mod.build(cfg, device, world.rank, world.size, world.local_size)
     if world.main:
         comm.barrier()
+    try:
+        return _run_with_data(prep, comm, tags, data)
+    finally:
+        data.close()
+
+
+def _run_with_data(prep: Prepared, comm: distributed.Comm, tags, data) -> str | None:
+    cfg, params, device, model, resume = prep.cfg, prep.params, prep.device, prep.model, prep.resume
+    world = comm.world
 
     # --- 3. the MLflow run (rank 0 only) ----------------------------------------------------
     if world.main:

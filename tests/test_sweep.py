@@ -178,6 +178,7 @@ class FirstSweep:
     store: Store
     parent_id: str
     runs: dict
+    checkpoints_left: list  # run folders in checkpoint_dir after the sweep
 
 
 @pytest.fixture(scope="module")
@@ -189,9 +190,10 @@ def first_sweep(tmp_path_factory) -> FirstSweep:
             parent_id = _sweep()
         finally:
             deactivate_store()
-    # vgg19's checkpoint (weights + Adam) is 1.6 GB; nothing here reads it.
+    # The sweep deleted each finished cell's checkpoint folder (vgg19's alone is 1.6 GB).
+    left = sorted(p.name for p in (directory / "checkpoints").glob("*") if p.is_dir())
     shutil.rmtree(directory / "checkpoints", ignore_errors=True)
-    return FirstSweep(store, parent_id, _runs(store))
+    return FirstSweep(store, parent_id, _runs(store), left)
 
 
 @pytest.fixture
@@ -228,6 +230,7 @@ def test_a_sweep_trains_each_grid_cell_as_a_child_of_one_parent_run(first_sweep)
             Config(**TINY), model=model, skip=variant == "skip")
     assert parent.data.params["models"] == GRID["models"]
     assert "model" not in parent.data.params and parent.data.params["max_steps"] == "4"
+    assert first_sweep.checkpoints_left == []  # each finished cell's checkpoint was deleted
 
 
 def test_a_sweep_logs_the_figure_and_the_table_as_artifacts_and_the_run_description(first_sweep):
@@ -328,8 +331,8 @@ def test_parallel_cells_that_fail_end_the_sweep_failed_with_one_line_naming_them
 @pytest.mark.slow
 def test_the_done_when_command_runs_the_default_grid_under_mlflow_run(mlflow_store_for_slow):
     store = mlflow_store_for_slow
-    # `mlflow run` starts the command in the project folder, where a relative checkpoint_dir
-    # would collect the grid's ~11 GB of checkpoints: they go to this test's folder instead.
+    # `mlflow run` starts the command in the project folder: the cells' checkpoints (each
+    # deleted once its cell finishes) go to this test's folder instead.
     proc = run_mlflow(store, "sweep", {"dataset": "synthetic", "image_size": "32",
                                        "max_steps": "50",
                                        "checkpoint_dir": str(store.dir / "checkpoints")},
@@ -345,6 +348,7 @@ def test_the_done_when_command_runs_the_default_grid_under_mlflow_run(mlflow_sto
     assert {f.path for f in store.client.list_artifacts(parent.info.run_id, "sweep")} >= {
         names.SWEEP_FIGURE, names.SWEEP_SUMMARY_CSV, names.SWEEP_SUMMARY_JSON}
     assert parent.data.params["epochs"] == "1"
+    assert not list((store.dir / "checkpoints").glob("*/last.pt"))  # finished cells' are gone
 
 
 @pytest.fixture
