@@ -76,7 +76,8 @@ def test_mlflow_run_ends_in_exactly_one_finished_run_named_after_the_variant(smo
 
 def test_mlflow_run_logs_every_parameter_once_as_the_given_strings(smoke_run):
     _, run, _ = smoke_run
-    assert run.data.params == Config.from_strings(SMOKE).to_params()
+    # Every parameter as given, plus world_size (derived: nproc_per_node x nnodes).
+    assert run.data.params == {**Config.from_strings(SMOKE).to_params(), names.WORLD_SIZE_PARAM: "1"}
 
 
 def test_every_probed_layer_has_one_finite_positive_norm_per_step_0_to_19(smoke_run):
@@ -154,7 +155,8 @@ def test_mlflow_run_with_skip_entry_point_trains_the_skip_variant_and_logs_skip(
     assert run.info.status == "FINISHED"
     assert run.info.run_name == "resnet50-skip"
     assert run.data.tags[names.VARIANT_TAG] == "skip"
-    assert run.data.params == Config.from_strings(dict(params, skip="true")).to_params()
+    assert run.data.params == {**Config.from_strings(dict(params, skip="true")).to_params(),
+                               names.WORLD_SIZE_PARAM: "1"}
     for layer in config.DEFAULT_LAYERS:
         assert_one_finite_positive_point_per_step(client, run.info.run_id, names.grad_norm(layer), 2)
 
@@ -175,8 +177,8 @@ def test_python_m_pipeline_with_skip_true_logs_a_skip_run_with_every_param(track
     assert run.info.run_id in proc.stdout  # the user is told which run it was
     assert run.info.run_name == "resnet50-skip"
     assert run.data.tags[names.VARIANT_TAG] == "skip"
-    assert set(run.data.params) == {f.name for f in config.fields()}
-    assert run.data.params == Config.from_strings(args).to_params()
+    assert set(run.data.params) == {f.name for f in config.fields()} | {names.WORLD_SIZE_PARAM}
+    assert run.data.params == {**Config.from_strings(args).to_params(), names.WORLD_SIZE_PARAM: "1"}
     for layer in config.DEFAULT_LAYERS:  # flush_every 4 over 6 steps: a full and a partial chunk
         assert_one_finite_positive_point_per_step(client, run.info.run_id,
                                                   names.grad_norm(layer), steps)
