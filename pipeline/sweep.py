@@ -47,6 +47,7 @@ class Cell:
     cfg: Config
     run_id: str | None = None
     reused: bool = False
+    exit_code: int | None = None   # a training process that failed (parallel)
 
     @property
     def name(self) -> str:
@@ -155,7 +156,8 @@ def _train_in_processes(cells: list[Cell], parent: Tracker, experiment_id: str,
                     continue
                 del running[proc]
                 if proc.returncode != 0:
-                    failed.append(f"{cell.name} (exit code {proc.returncode})")
+                    failed.append(cell)
+                    cell.exit_code = proc.returncode
                     continue
                 cell.run_id = _child_run(cell, parent.run_id, experiment_id)
                 parent.set_tags(_cell_tags(cell))
@@ -165,7 +167,9 @@ def _train_in_processes(cells: list[Cell], parent: Tracker, experiment_id: str,
         raise
     if failed:
         not_started = f"; {len(waiting)} not started" if waiting else ""
-        raise SweepError(f"sweep: {len(failed)} cell(s) failed: {', '.join(failed)}"
+        failed.sort(key=cells.index)  # in grid order, not in the order they happened to end
+        named = ", ".join(f"{c.name} (exit code {c.exit_code})" for c in failed)
+        raise SweepError(f"sweep: {len(failed)} cell(s) failed: {named}"
                          f"{not_started}; their output is above. Run the sweep again to train "
                          "what is missing (finished cells are reused)")
 
