@@ -192,15 +192,18 @@ def _failure(shared: Path, codes: dict[int, int], tracking, signum: int | None =
         if run_id:
             tracking.end_if_running(run_id, "KILLED", f"signal {code - 128} during a DDP run")
         return RankFailed("interrupted", code, printed=True)
-    if reports:
-        first = min(reports, key=lambda r: r["time"])
+    # A rank that reports losing its peers (a collective failed: "Connection closed by
+    # peer") is a consequence; so is one the agent ended with SIGTERM after the first death.
+    own = [r for r in reports if not r.get("peer")]
+    silent = {r: c for r, c in codes.items()
+              if c not in (-15, 143) and r not in {p["rank"] for p in reports}}
+    if own or (reports and not silent):
+        first = min(own or reports, key=lambda r: r["time"])
         rank = first["rank"]
         reason = f"rank {rank}: {first['reason']}"
         user, printed = first["kind"] == "user", rank == 0
     else:
-        # The agent SIGTERMs the survivors of the first death: the cause is a rank that
-        # did not end by SIGTERM, if there is one.
-        causes = {r: c for r, c in codes.items() if c not in (-15, 143)} or codes or {0: 1}
+        causes = silent or {r: c for r, c in codes.items() if c not in (-15, 143)} or codes or {0: 1}
         rank, code = min(causes.items())
         how = f"signal {-code}" if code < 0 else f"exit code {code}"
         reason = f"rank {rank} died ({how}) without an error message"
@@ -248,10 +251,22 @@ def _write_failure(world: World, error: BaseException) -> None:
     kind = "user" if isinstance(error, UserError) else "error"
     text = str(error) if kind == "user" else f"{type(error).__name__}: {error}"
     report = {"rank": world.rank, "kind": kind, "reason": text.splitlines()[0][:2000] if text else
-              type(error).__name__, "time": time.time()}
+              type(error).__name__, "time": time.time(), "peer": _lost_peer(error)}
     tmp = Path(folder) / f".rank-{world.rank}.tmp"
     tmp.write_text(json.dumps(report))
     os.replace(tmp, Path(folder) / f"rank-{world.rank}.json")
+
+
+# What a collective raises when another rank has gone: a consequence, not a cause.
+_PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+               "NCCL communicator was aborted", "Socket Timeout")
+
+
+def _lost_peer(error: BaseException) -> bool:
+    import torch.distributed as dist
+
+    return (isinstance(error, getattr(dist, "DistError", ())) or
+            any(sign in str(error) for sign in _PEER_SIGNS))
 
 
 def announce_run(run_id: str) -> None:

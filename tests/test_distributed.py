@@ -196,3 +196,20 @@ def test_a_users_error_on_rank_0_is_not_printed_twice(tracking_store, tmp_path):
     _report(tmp_path, 0, "data: no images in ./x", when=1.0, kind="user")
     failure = distributed._failure(tmp_path, {0: 2}, tracking)
     assert failure.printed and failure.exit_code == 2
+
+
+def test_a_rank_that_only_lost_its_peer_is_not_blamed_for_one_killed_without_a_word(
+        tracking_store, tmp_path):
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+
+    client = MlflowClient()
+    run = client.create_run(client.create_experiment("ddp"))
+    (tmp_path / distributed.RUN_ID_FILE).write_text(run.info.run_id)
+    (tmp_path / "rank-0.json").write_text(json.dumps(
+        {"rank": 0, "kind": "error", "time": 5.0, "peer": True,
+         "reason": "DistBackendError: Connection closed by peer [127.0.0.1]:4242"}))
+    failure = distributed._failure(tmp_path, {0: 1, 1: -9}, tracking)
+    assert str(failure).startswith("rank 1 died (signal 9) without an error message")
+    assert client.get_run(run.info.run_id).data.tags["ddp.failed_rank"] == "1"
