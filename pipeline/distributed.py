@@ -27,7 +27,6 @@ import contextlib
 import json
 import logging
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -380,8 +379,3 @@ class Comm:
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
 
-
-def describe_launch(cfg) -> str:
-    """The torchrun command a launch runs, for the console."""
-    return "torchrun " + " ".join(shlex.quote(a) for a in torchrun_args(
-        cfg.nproc_per_node, cfg.nnodes, cfg.rdzv_endpoint_or_none, "<run>")) + " -m pipeline train ..."

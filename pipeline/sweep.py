@@ -16,7 +16,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from . import checkpoint, names, plots, query, tracking, train
+from . import checkpoint, distributed, names, plots, query, tracking, train
 from .config import (SWEEP_GRID_FIELDS, Config, SweepConfig, UserError, cell_name,
                      to_params)
 from .tracking import Tracker
@@ -143,9 +142,7 @@ def _train_in_processes(cells: list[Cell], parent: Tracker, experiment_id: str,
             while waiting and len(running) < parallel and not failed:
                 cell = waiting.pop(0)
                 context = {"mlflow.parentRunId": parent.run_id, names.SWEEP_CELL_TAG: cell.name}
-                args = [sys.executable, "-m", "pipeline", "train"]
-                for name, value in to_params(cell.cfg).items():
-                    args += [f"--{name.replace('_', '-')}", value]
+                args = distributed.train_argv(to_params(cell.cfg))
                 click.echo(f"sweep: starting {cell.name}", err=True)
                 # An argument list, no shell: parameter values are never parsed by one.
                 running[subprocess.Popen(args, env={**env, "MLFLOW_RUN_CONTEXT":

@@ -460,12 +460,11 @@ def _train(cfg, model, data, device, autocast, tracker, use_graph, resume=None, 
     progress = Progress(cfg.epochs, steps_per_epoch, cfg.batch_size, total,
                         estimate=device.type == "cpu",
                         stream=None if main else open(os.devnull, "w"))  # rank 0 speaks
-    columns = gradient_flow.Collector(cfg.layers, every_step, cfg.metric_every,
-                                      outputs=cfg.probes_outputs, weights=cfg.probes_weights)
-    watch = NonFiniteWatch(columns.all_keys, position.step, lambda values: None)
-    collector = gradient_flow.Collector(cfg.layers, every_step, cfg.metric_every, then=watch,
+    collector = gradient_flow.Collector(cfg.layers, every_step, cfg.metric_every,
                                         warn=progress.write, outputs=cfg.probes_outputs,
                                         weights=cfg.probes_weights)
+    watch = NonFiniteWatch(collector.all_keys, position.step, lambda values: None)
+    collector.then = watch  # the NaN watch names the collector's columns
     tracker.stream(collector.keys, on_values=progress.on_values, history=history)
 
     def send_thinned() -> bool:
