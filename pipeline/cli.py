@@ -106,7 +106,8 @@ def compare(**values: str | None) -> None:
     cmp = _parse(config.CompareConfig, values)
     from . import compare as compare_mod
     run_id = _dispatch(lambda: compare_mod.compare(cmp.experiment, cmp.run_ids,
-                                                   cmp.layer_list, config.to_params(cmp)))
+                                                   cmp.layer_list, config.to_params(cmp),
+                                                   quantity=cmp.quantity))
     click.echo(f"MLflow compare run {run_id} finished; see its comparison/ artifacts")
 
 

@@ -3,6 +3,11 @@
 Statistics are pure functions of the histories that ``query`` reads; the figures come from
 ``plots`` and everything is written by ``tracking`` onto the compare step's own run.
 
+``quantity`` picks the norms compared: ``output`` (``grad_norm/*``, dLoss/d(layer output)),
+``weight`` (``weight_grad_norm/*``, dLoss/d(layer weight and bias)), ``both``, or ``auto``
+(output when both runs have it, else weight). Each quantity gets the same figures, tables
+and diagnosis; the weight ones are named ``comparison/weight_*``.
+
 Status rule (README, "Reading the summary"): a layer's median norm is divided by the
 median norm of the run's output-side probed layer (``fc`` by default) over the same steps:
 
@@ -12,18 +17,22 @@ median norm of the run's output-side probed layer (``fc`` by default) over the s
     Weak        ratio < 1e-3
     Exploding   ratio > 1e3, or a non-finite median
     Healthy     otherwise
+
+Weight-gradient norms get the same rule, relative to the output-side layer's weight-gradient
+norm: the thresholds were set for output gradients and are applied to weights unchanged.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
 from . import names, plots, query
-from .config import AUTO
+from .config import AUTO, QUANTITIES as QUANTITY_CHOICES, ConfigError
 from .query import QueryError
 from .tracking import Tracker
 
@@ -44,10 +53,53 @@ SUMMARY_CSV = f"{ARTIFACT_DIR}/summary.csv"
 SUMMARY_JSON = f"{ARTIFACT_DIR}/summary.json"
 EPOCHS_CSV = f"{ARTIFACT_DIR}/per_epoch.csv"
 DIFFERENCE_PLOT = names.DIFFERENCE_PLOT
+# quantity=weight|both: the same artifacts for the weight-gradient norms.
+WEIGHT_NORMS_PLOT = f"{ARTIFACT_DIR}/weight_gradient_norms.png"
+WEIGHT_DEPTH_PLOT = f"{ARTIFACT_DIR}/weight_depth_profile.png"
+WEIGHT_SUMMARY_MD = f"{ARTIFACT_DIR}/weight_summary.md"
+WEIGHT_SUMMARY_CSV = f"{ARTIFACT_DIR}/weight_summary.csv"
+WEIGHT_SUMMARY_JSON = f"{ARTIFACT_DIR}/weight_summary.json"
+WEIGHT_EPOCHS_CSV = f"{ARTIFACT_DIR}/weight_per_epoch.csv"
+WEIGHT_DIFFERENCE_PLOT = names.WEIGHT_DIFFERENCE_PLOT
 # gradient_norms.png draws at most this many layer panels (2.3 inches each): with layers=all
 # a ResNet-50 shares 50 layers, a 116-inch figure nobody reads. The tables and the
 # difference heatmap keep every layer.
 PANEL_CAP = 8
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """One kind of gradient norm a run may hold, and where its comparison goes."""
+    name: str              # names.OUTPUT | names.WEIGHT: training's `probe` value
+    label: str             # what the norms are of, for the figures
+    heading: str           # the summary's title
+    status_note: str       # appended to the summary's status rule
+    norms_plot: str
+    depth_plot: str
+    difference_plot: str
+    difference_tag: str
+    summary_md: str
+    summary_csv: str
+    summary_json: str
+    epochs_csv: str
+
+    @property
+    def record(self) -> str:
+        """For messages: ``output-gradient norms (grad_norm/*)``."""
+        return f"{self.name}-gradient norms ({names.METRIC_PREFIX[self.name]}*)"
+
+
+OUTPUT = Quantity(names.OUTPUT, "dLoss/d(layer output)", "Gradient norms", "", NORMS_PLOT,
+                  DEPTH_PLOT, DIFFERENCE_PLOT, names.DIFFERENCE_TAG, SUMMARY_MD, SUMMARY_CSV,
+                  SUMMARY_JSON, EPOCHS_CSV)
+WEIGHT = Quantity(names.WEIGHT, "dLoss/d(layer weights)", "Weight-gradient norms",
+                  " Weight-gradient norms get the same rule: a layer's median weight-gradient "
+                  "norm relative to that of the output-side layer, with the thresholds set for "
+                  "output gradients, unchanged.",
+                  WEIGHT_NORMS_PLOT, WEIGHT_DEPTH_PLOT, WEIGHT_DIFFERENCE_PLOT,
+                  names.WEIGHT_DIFFERENCE_TAG, WEIGHT_SUMMARY_MD, WEIGHT_SUMMARY_CSV,
+                  WEIGHT_SUMMARY_JSON, WEIGHT_EPOCHS_CSV)
+QUANTITIES = {q.name: q for q in (OUTPUT, WEIGHT)}
 
 
 def status(median: float, zero_fraction: float, reference: float) -> str:
@@ -106,10 +158,11 @@ class Side:
     layers: list[str]       # the chosen layers
 
     @classmethod
-    def read(cls, variant: str, run, layers: list[str]) -> "Side":
-        reference = query.probed_layers(run)[-1]
+    def read(cls, variant: str, run, layers: list[str], quantity: str = names.OUTPUT) -> "Side":
+        reference = query.probed_layers(run, quantity)[-1]
         wanted = layers + ([reference] if reference not in layers else [])
-        return cls(variant, run, query.gradient_history(run.info.run_id, wanted), layers)
+        return cls(variant, run, query.gradient_history(run.info.run_id, wanted, quantity),
+                   layers)
 
     @property
     def chosen_history(self) -> pd.DataFrame:
@@ -145,8 +198,47 @@ def select_runs(experiment: str | None, run_ids: list[str] | None) -> dict[str, 
     return selected
 
 
-def shared_layers(runs: dict[str, object], wanted: list[str] | None) -> list[str]:
-    per_run = {v: query.probed_layers(r) for v, r in runs.items()}
+def choose_quantities(runs: dict[str, object], quantity: str = AUTO) -> list[Quantity]:
+    """What to compare, checked against the norms both runs hold (their metrics)."""
+    if quantity not in (None, *QUANTITY_CHOICES):  # the CLI checks it; Python callers may not
+        raise ConfigError("quantity", f"{quantity!r} is not allowed; allowed: "
+                                      + ", ".join(QUANTITY_CHOICES))
+    held = {v: query.probe_quantities(runs[v]) for v in VARIANTS}
+    for v in VARIANTS:
+        if not held[v]:
+            raise QueryError(f"runs: run {runs[v].info.run_id} ({v}) has no "
+                             + " or ".join(f"{p}*" for p in names.METRIC_PREFIX.values())
+                             + " metrics; is it a training run of this project?")
+    shared = [q for q in QUANTITIES if all(q in held[v] for v in VARIANTS)]
+    if quantity in (None, AUTO):
+        if shared:
+            return [QUANTITIES[shared[0]]]  # output first: the notebook's quantity
+        raise QueryError(f"quantity: auto finds no gradient norms that both runs hold; "
+                         f"{_holdings(runs, held)}; train both with the same probe")
+    wanted = list(QUANTITIES) if quantity == "both" else [quantity]
+    if not all(q in shared for q in wanted):
+        instead = (f"compare quantity={shared[0]}, or train both with probe={quantity}"
+                   if shared else f"train both with probe={quantity}")
+        raise QueryError(f"quantity: {quantity} needs "
+                         + " and ".join(QUANTITIES[q].record for q in wanted)
+                         + f" in both runs; {_holdings(runs, held)}; {instead}")
+    return [QUANTITIES[q] for q in wanted]
+
+
+def _holdings(runs: dict[str, object], held: dict[str, list[str]]) -> str:
+    """``the noskip run <id> has output-gradient norms (grad_norm/*), the skip run ...``"""
+    return ", ".join(f"the {v} run {runs[v].info.run_id} has "
+                     + " and ".join(QUANTITIES[q].record for q in held[v]) for v in VARIANTS)
+
+
+def shared_layers(runs: dict[str, object], wanted: list[str] | None,
+                  quantities: Sequence[Quantity] = (OUTPUT,)) -> list[str]:
+    """The layers both runs probed (for every quantity compared), noskip order; ``wanted``
+    must be among them."""
+    def probed(run) -> list[str]:
+        lists = [query.probed_layers(run, q.name) for q in quantities]
+        return [layer for layer in lists[0] if all(layer in other for other in lists[1:])]
+    per_run = {v: probed(r) for v, r in runs.items()}
     first = per_run["noskip"]
     shared = [layer for layer in first if all(layer in ls for ls in per_run.values())]
     if not shared:
@@ -192,29 +284,42 @@ def panel_layers(layers: list[str], cap: int = PANEL_CAP) -> list[str]:
     return [layers[i] for i in picks]
 
 
-def read_difference(runs: dict[str, object], layers: list[str] | None):
-    """``(plots.Difference, "")`` from both runs' ``gradients/norms.npz``, or ``(None,
-    reason)`` when it cannot be drawn. Never raises: the heatmap is an extra, and a run
-    without the dense record (trained before it existed) still compares on its metrics."""
+def read_differences(runs: dict[str, object], layers: list[str] | None,
+                     quantities: Sequence[Quantity] = (OUTPUT,)) -> dict[str, tuple]:
+    """``{quantity name: (plots.Difference, "")}`` from both runs' ``gradients/norms.npz``
+    (read once for all quantities), or ``(None, reason)`` where it cannot be drawn. Never
+    raises: the heatmap is an extra, and a run without the dense record (trained before it
+    existed) still compares on its metrics."""
     dense, missing = {}, []
     for variant in VARIANTS:
         run_id = runs[variant].info.run_id
         try:
             dense[variant] = query.dense_norms(run_id)
         except (QueryError, MlflowException, OSError, KeyError, ValueError) as error:
-            return None, (f"{names.NORMS_NPZ} of run {run_id} ({variant}) could not be read "
-                          f"({type(error).__name__}: {error})")
+            reason = (f"{names.NORMS_NPZ} of run {run_id} ({variant}) could not be read "
+                      f"({type(error).__name__}: {error})")
+            return {q.name: (None, reason) for q in quantities}
         if dense[variant] is None:
             missing.append(f"run {run_id} ({variant})")
-        elif "norms" not in dense[variant]:
-            return None, (f"run {run_id} ({variant}) was trained with probe=weight: its "
-                          f"{names.NORMS_NPZ} has no output-gradient norms")
     if missing:
-        return None, (f"{' and '.join(missing)} {'has' if len(missing) == 1 else 'have'} no "
-                      f"{names.NORMS_NPZ} (runs trained before the dense record have none); "
-                      "the per-layer metrics are compared without it")
+        reason = (f"{' and '.join(missing)} {'has' if len(missing) == 1 else 'have'} no "
+                  f"{names.NORMS_NPZ} (runs trained before the dense record have none); "
+                  "the per-layer metrics are compared without it")
+        return {q.name: (None, reason) for q in quantities}
+    return {q.name: _difference(runs, dense, layers, q) for q in quantities}
+
+
+def _difference(runs: dict[str, object], dense: dict[str, dict], layers: list[str] | None,
+                quantity: Quantity) -> tuple:
+    key = names.NPZ_ARRAY[quantity.name]
+    for variant in VARIANTS:
+        if key not in dense[variant]:
+            run = runs[variant]
+            return None, (f"run {run.info.run_id} ({variant}) was trained with "
+                          f"probe={run.data.params.get('probe', names.OUTPUT)}: its "
+                          f"{names.NORMS_NPZ} has no {quantity.name}-gradient norms")
     try:
-        found = plots.difference_matrix(dense["noskip"], dense["skip"], layers)
+        found = plots.difference_matrix(dense["noskip"], dense["skip"], layers, key=key)
     except (KeyError, ValueError, IndexError) as error:  # a malformed file
         return None, f"the runs' {names.NORMS_NPZ} do not fit together ({error})"
     if found is None:
@@ -222,17 +327,18 @@ def read_difference(runs: dict[str, object], layers: list[str] | None):
     return found, ""
 
 
-def figure_notes(chosen: list[str], panels: list[str], difference, skipped: str) -> list[str]:
+def figure_notes(chosen: list[str], panels: list[str], difference, skipped: str,
+                 quantity: Quantity = OUTPUT) -> list[str]:
     """The summary's lines about what the figures show (the caps and the heatmap's floor)."""
     lines = []
     if len(panels) < len(chosen):
-        lines.append(f"- `{NORMS_PLOT}` draws {len(panels)} of the {len(chosen)} compared layers, "
-                     "evenly across depth: " + ", ".join(f"`{x}`" for x in panels)
+        lines.append(f"- `{quantity.norms_plot}` draws {len(panels)} of the {len(chosen)} "
+                     "compared layers, evenly across depth: " + ", ".join(f"`{x}`" for x in panels)
                      + "; the tables below have all of them"
                      + (", and so does the difference heatmap." if difference is not None else "."))
     if difference is not None:
-        lines.append(f"- `{DIFFERENCE_PLOT}`: log10(skip norm) - log10(noskip norm) for "
-                     f"{len(difference.layers)} layers x {difference.steps} shared batches"
+        lines.append(f"- `{quantity.difference_plot}`: log10(skip norm) - log10(noskip norm) "
+                     f"for {len(difference.layers)} layers x {difference.steps} shared batches"
                      + (f" (a column is the mean of {difference.per_column} batches)"
                         if difference.per_column > 1 else "")
                      + ("; zero (or non-finite) norms, noskip: "
@@ -241,7 +347,7 @@ def figure_notes(chosen: list[str], panels: list[str], difference, skipped: str)
                         "positive norm of either run." if any(difference.floored.values())
                         else "; neither run has a zero norm."))
     else:
-        lines.append(f"- `{DIFFERENCE_PLOT}` not drawn: {skipped}.")
+        lines.append(f"- `{quantity.difference_plot}` not drawn: {skipped}.")
     return lines
 
 
@@ -272,9 +378,9 @@ def diagnosis(table: pd.DataFrame, per_epoch: pd.DataFrame) -> list[str]:
 
 
 def markdown(table: pd.DataFrame, per_epoch: pd.DataFrame, sides: list[Side],
-             figures: list[str] = ()) -> str:
+             figures: list[str] = (), quantity: Quantity = OUTPUT) -> str:
     g = _g
-    lines = ["## Gradient norms: skip vs no skip", "", *diagnosis(table, per_epoch), "",
+    lines = [f"## {quantity.heading}: skip vs no skip", "", *diagnosis(table, per_epoch), "",
              *([*figures, ""] if figures else []),
              "| layer | variant | median | min | max | first | last | early | late | zero steps "
              "| skip/noskip | status |",
@@ -300,21 +406,41 @@ def markdown(table: pd.DataFrame, per_epoch: pd.DataFrame, sides: list[Side],
     lines += ["", "Status: a layer's median relative to the output-side layer's median "
                   "(Vanishing < 1e-18 < Tiny < 1e-9 < Weak < 1e-3 < Healthy < 1e3 < Exploding); "
                   "Dead = zero on at least half the steps. Early/late = medians over the first "
-                  "and last tenth of the steps."]
+                  "and last tenth of the steps." + quantity.status_note]
     return "\n".join(lines) + "\n"
 
 
+@dataclass
+class Part:
+    """One quantity's comparison, all of it computed before the compare run opens."""
+    quantity: Quantity
+    sides: list[Side]
+    table: pd.DataFrame
+    per_epoch: pd.DataFrame
+    difference: object      # plots.Difference, or None when not drawn
+    skipped: str            # why not
+    text: str               # its markdown summary
+
+
 def compare(experiment: str | None = None, run_ids: list[str] | None = None,
-            layers: list[str] | None = None, params: dict[str, str] | None = None) -> str:
-    """Run the compare step; returns the compare run's ID. Raises QueryError on bad input."""
+            layers: list[str] | None = None, params: dict[str, str] | None = None,
+            quantity: str = AUTO) -> str:
+    """Run the compare step; returns the compare run's ID. Raises QueryError on bad input
+    (ConfigError for a ``quantity`` that is not auto, output, weight or both)."""
     # --- 1. choose and read everything before a run is opened ------------------------
     runs = select_runs(experiment, run_ids)
-    chosen = shared_layers(runs, layers)
-    sides = [Side.read(v, runs[v], chosen) for v in VARIANTS]
-    table, per_epoch = summarize(sides)
+    quantities = choose_quantities(runs, quantity)
+    chosen = shared_layers(runs, layers, quantities)
     panels = panel_layers(chosen)
-    difference, skipped = read_difference(runs, chosen if layers else None)
-    text = markdown(table, per_epoch, sides, figure_notes(chosen, panels, difference, skipped))
+    differences = read_differences(runs, chosen if layers else None, quantities)
+    parts = []
+    for q in quantities:
+        sides = [Side.read(v, runs[v], chosen, q.name) for v in VARIANTS]
+        table, per_epoch = summarize(sides)
+        difference, skipped = differences[q.name]
+        text = markdown(table, per_epoch, sides,
+                        figure_notes(chosen, panels, difference, skipped, q), q)
+        parts.append(Part(q, sides, table, per_epoch, difference, skipped, text))
 
     # --- 2. the compare run --------------------------------------------------------------
     model = runs["noskip"].data.params.get("model", "model")
@@ -330,33 +456,45 @@ def compare(experiment: str | None = None, run_ids: list[str] | None = None,
         "compare.noskip_run": ids["noskip"], "compare.skip_run": ids["skip"],
         "compare.layers": ",".join(chosen),
         names.PANEL_LAYERS_TAG: ",".join(panels),
-        names.DIFFERENCE_TAG: "logged" if difference is not None else f"skipped: {skipped}",
+        names.QUANTITY_TAG: "both" if len(parts) > 1 else parts[0].quantity.name,
+        **{p.quantity.difference_tag: "logged" if p.difference is not None
+           else f"skipped: {p.skipped}" for p in parts},
     }, experiment_id=experiment_id)
     with tracker.ending():
-        histories = {s.variant: s.chosen_history for s in sides}
-        note = (f"{len(panels)} of {len(chosen)} layers, evenly across depth; every layer is in "
-                f"the tables{' and ' + DIFFERENCE_PLOT if difference is not None else ''}"
-                if len(panels) < len(chosen) else None)
-        figures = [(lambda: plots.comparison_norms(histories, panels, model, note), NORMS_PLOT),
-                   (lambda: plots.depth_profile(table, model), DEPTH_PLOT)]
-        if difference is not None:
-            per_epoch_steps = int(runs["noskip"].data.tags.get(names.STEPS_PER_EPOCH_TAG, 0)) \
-                or None
-            figures.append((lambda: plots.difference_heatmap(difference, model, per_epoch_steps),
-                            DIFFERENCE_PLOT))
-        for make, path in figures:  # one figure in memory at a time
-            fig = make()
-            try:
-                tracker.log_figure(fig, path)
-            finally:
-                plots.close(fig)
-        tracker.log_text(text, SUMMARY_MD)
-        tracker.log_text(table.to_csv(index=False), SUMMARY_CSV)
-        tracker.log_text(per_epoch.to_csv(index=False), EPOCHS_CSV)
-        tracker.log_dict({"runs": ids, "layers": chosen, "panel_layers": panels,
-                          "summary": _records(table), "per_epoch": _records(per_epoch)}, SUMMARY_JSON)
-        tracker.set_note(text)
+        per_epoch_steps = int(runs["noskip"].data.tags.get(names.STEPS_PER_EPOCH_TAG, 0)) or None
+        for part in parts:
+            _log_part(tracker, part, runs, chosen, panels, model, per_epoch_steps)
+        tracker.set_note("\n".join(part.text for part in parts))
     return tracker.run_id
+
+
+def _log_part(tracker: Tracker, part: Part, runs: dict[str, object], chosen: list[str],
+              panels: list[str], model: str, per_epoch_steps: int | None) -> None:
+    """One quantity's figures and tables onto the compare run."""
+    q, difference = part.quantity, part.difference
+    histories = {s.variant: s.chosen_history for s in part.sides}
+    note = (f"{len(panels)} of {len(chosen)} layers, evenly across depth; every layer is in "
+            f"the tables{' and ' + q.difference_plot if difference is not None else ''}"
+            if len(panels) < len(chosen) else None)
+    figures = [(lambda: plots.comparison_norms(histories, panels, model, note, q.label),
+                q.norms_plot),
+               (lambda: plots.depth_profile(part.table, model, q.label), q.depth_plot)]
+    if difference is not None:
+        figures.append((lambda: plots.difference_heatmap(difference, model, per_epoch_steps,
+                                                         q.label), q.difference_plot))
+    for make, path in figures:  # one figure in memory at a time
+        fig = make()
+        try:
+            tracker.log_figure(fig, path)
+        finally:
+            plots.close(fig)
+    tracker.log_text(part.text, q.summary_md)
+    tracker.log_text(part.table.to_csv(index=False), q.summary_csv)
+    tracker.log_text(part.per_epoch.to_csv(index=False), q.epochs_csv)
+    tracker.log_dict({"quantity": q.name, "runs": {v: runs[v].info.run_id for v in VARIANTS},
+                      "layers": chosen, "panel_layers": panels,
+                      "summary": _records(part.table), "per_epoch": _records(part.per_epoch)},
+                     q.summary_json)
 
 
 def _records(frame: pd.DataFrame) -> list[dict]:

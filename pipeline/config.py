@@ -34,6 +34,8 @@ DATA_PATHS = ("auto", "dataloader", "device")
 GRAPH_MODES = ("auto", "on", "off")
 ON_NAN = ("stop", "continue")
 PROBES = ("output", "weight", "both")
+# compare's `quantity`: auto = output when both runs have it, else weight; or one of PROBES.
+QUANTITIES = ("auto", *PROBES)
 
 # Where runs go when nothing else says: a named experiment, not MLflow's "Default".
 DEFAULT_EXPERIMENT = "gradient-flow"
@@ -361,6 +363,9 @@ class CompareConfig:
     runs: str = _param(LATEST, "two comma-separated run IDs, or latest = the newest FINISHED "
                                "run of each variant (same model)")
     layers: str = _param(SHARED, "comma-separated layers, or shared = every layer both runs probed")
+    quantity: str = _param(AUTO, "which gradient norms to compare: output (grad_norm/*), weight "
+                                 "(weight_grad_norm/*), both, or auto = output if both runs "
+                                 "have it, else weight", choices=QUANTITIES)
 
     @property
     def run_ids(self) -> list[str] | None:

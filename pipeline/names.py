@@ -55,8 +55,8 @@ def grad_norm(layer: str) -> str:
     return GRAD_NORM_PREFIX + layer
 
 
-def layer_of(key: str) -> str:
-    return key[len(GRAD_NORM_PREFIX):]
+def layer_of(key: str, prefix: str = GRAD_NORM_PREFIX) -> str:
+    return key[len(prefix):]
 
 
 WEIGHT_GRAD_NORM_PREFIX = "weight_grad_norm/"
@@ -65,6 +65,15 @@ WEIGHT_GRAD_NORM_PREFIX = "weight_grad_norm/"
 def weight_grad_norm(layer: str) -> str:
     """``weight_grad_norm/conv1``: L2 norm of dLoss/d(that module's own weight and bias)."""
     return WEIGHT_GRAD_NORM_PREFIX + layer
+
+
+# What each probe measures, by training's `probe` value (also compare's `quantity`): its
+# metric prefix, metric key builder and array in gradients/norms.npz. Readers look a
+# quantity up here instead of spelling "grad_norm/" or "norms" themselves.
+OUTPUT, WEIGHT = "output", "weight"
+METRIC_PREFIX = {OUTPUT: GRAD_NORM_PREFIX, WEIGHT: WEIGHT_GRAD_NORM_PREFIX}
+METRIC_KEY = {OUTPUT: grad_norm, WEIGHT: weight_grad_norm}
+NPZ_ARRAY = {OUTPUT: "norms", WEIGHT: "weight_norms"}
 
 # Tracking outages (pipeline/tracking.py).
 OUTAGE_TAG = "tracking.outage"                 # how many writes waited for the server, since when
@@ -83,6 +92,10 @@ WEIGHT_DEPTH_PROFILE_PLOT = "plots/weight_depth_profile.png"
 DIFFERENCE_PLOT = "comparison/gradient_flow_difference.png"
 DIFFERENCE_TAG = "compare.difference_heatmap"
 PANEL_LAYERS_TAG = "compare.panel_layers"       # the layers drawn in comparison/gradient_norms.png
+# compare quantity=weight|both: the same heatmap from both runs' weight_norms, and its tag.
+WEIGHT_DIFFERENCE_PLOT = "comparison/weight_gradient_flow_difference.png"
+WEIGHT_DIFFERENCE_TAG = "compare.weight_difference_heatmap"
+QUANTITY_TAG = "compare.quantity"               # what was compared: output | weight | both
 
 # The diagnosis of the dense record, at the end of a run (README, "What a training run logs").
 HEALTH_TAG = "gradient.health"                          # healthy | vanishing | exploding | dead

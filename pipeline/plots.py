@@ -69,11 +69,13 @@ def _smooth_log(y: np.ndarray, window: int) -> np.ndarray:
         return 10.0 ** (sums / counts)
 
 
-def comparison_norms(histories, layers: Sequence[str], model: str, note: str | None = None):
+def comparison_norms(histories, layers: Sequence[str], model: str, note: str | None = None,
+                     quantity: str = "dLoss/d(output)"):
     """One panel per layer, both variants overlaid: raw values faint, a smoothed line on top.
 
     ``histories``: {variant: DataFrame(step, layer, norm)}. ``note``: a second title line
-    (the compare step says which layers were drawn when it capped the panels).
+    (the compare step says which layers were drawn when it capped the panels). ``quantity``:
+    what the norms are of, for the title.
     """
     fig, axes = plt.subplots(len(layers), 1, figsize=(11, 2.3 * len(layers) + 0.8),
                              sharex=True, squeeze=False)
@@ -95,17 +97,18 @@ def comparison_norms(histories, layers: Sequence[str], model: str, note: str | N
         ax.legend(fontsize=8, loc="best")
     axes[-1, 0].set_xlabel("batch")
     axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(f"Gradient norms dLoss/d(output) - {model}, skip vs no skip (faint: raw; "
+    fig.suptitle(f"Gradient norms {quantity} - {model}, skip vs no skip (faint: raw; "
                  "line: rolling mean of log10)" + (f"\n{note}" if note else ""), fontsize=11)
     # tight_layout makes room for one suptitle line only: reserve the note's line (~0.2 in).
     fig.tight_layout(rect=(0, 0, 1, 1 - (0.2 / fig.get_size_inches()[1] if note else 0)))
     return fig
 
 
-def depth_profile(table, model: str):
+def depth_profile(table, model: str, quantity: str = "dLoss/d(layer output)"):
     """Median norm per layer against depth, 10-90% band, one line per variant.
 
     ``table``: the compare summary (columns depth, layer, variant, median, p10, p90).
+    ``quantity``: what the norms are of, for the y label.
     """
     fig, ax = plt.subplots(figsize=(9, 5))
     for variant, rows in table.groupby("variant", sort=False):
@@ -128,7 +131,7 @@ def depth_profile(table, model: str):
                       rotation=60, ha="right", fontsize=7)
     ax.set_yscale("log")
     ax.set_xlabel("probed layer, input side first")
-    ax.set_ylabel("L2 norm of dLoss/d(layer output)")
+    ax.set_ylabel(f"L2 norm of {quantity}")
     ax.set_title(f"Gradient norm against depth - {model}")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=9)
@@ -200,8 +203,10 @@ class Difference:
 
 def difference_matrix(noskip: Mapping[str, np.ndarray], skip: Mapping[str, np.ndarray],
                       layers: Sequence[str] | None = None,
-                      max_columns: int = DIFFERENCE_MAX_COLUMNS) -> Difference | None:
-    """The difference heatmap's data from two ``norms.npz`` dicts (steps, layers, norms).
+                      max_columns: int = DIFFERENCE_MAX_COLUMNS,
+                      key: str = "norms") -> Difference | None:
+    """The difference heatmap's data from two ``norms.npz`` dicts (steps, layers, and the
+    [S, L] array ``key``: ``norms``, or ``weight_norms`` for weight-gradient norms).
 
     Both runs are floored together, as ``_log10_floor`` does for one run: a zero (dead ReLU)
     or a non-finite norm becomes one decade below the smallest positive norm of either run,
@@ -217,8 +222,8 @@ def difference_matrix(noskip: Mapping[str, np.ndarray], skip: Mapping[str, np.nd
                                            assume_unique=True, return_indices=True)
     if not shared or not len(steps):
         return None
-    a = np.asarray(noskip["norms"], dtype=np.float64)[rows_a][:, [names_a.index(x) for x in shared]]
-    b = np.asarray(skip["norms"], dtype=np.float64)[rows_b][:, [names_b.index(x) for x in shared]]
+    a = np.asarray(noskip[key], dtype=np.float64)[rows_a][:, [names_a.index(x) for x in shared]]
+    b = np.asarray(skip[key], dtype=np.float64)[rows_b][:, [names_b.index(x) for x in shared]]
     logs, floor = _log10_floor(np.stack([a, b]))
     per = max(1, -(-len(steps) // max_columns))
     starts = np.arange(0, len(steps), per)
@@ -230,10 +235,12 @@ def difference_matrix(noskip: Mapping[str, np.ndarray], skip: Mapping[str, np.nd
                       {"noskip": bad(a), "skip": bad(b)})
 
 
-def difference_heatmap(d: Difference, model: str, batches_per_epoch: int | None = None):
+def difference_heatmap(d: Difference, model: str, batches_per_epoch: int | None = None,
+                       quantity: str = "dLoss/d(output)"):
     """Heatmap of ``difference_matrix``: layers down (input at the top), steps across,
     diverging colours centred at 0 (blue: larger gradient with skips, as the other compare
-    figures colour the skip variant; red: larger without)."""
+    figures colour the skip variant; red: larger without). ``quantity``: what the norms are
+    of, for the title."""
     L = len(d.layers)
     fig, ax = plt.subplots(figsize=(12, max(3.5, 0.16 * L + 2.4)))
     limit = max(1.0, float(np.ceil(np.abs(d.diff).max())))
@@ -260,8 +267,8 @@ def difference_heatmap(d: Difference, model: str, batches_per_epoch: int | None 
              f"positive norm of either run (noskip: {d.floored['noskip']:,}, skip: "
              f"{d.floored['skip']:,} values)" if any(d.floored.values())
              else "no zero norms in either run")
-    ax.set_title(f"Gradient flow, skip vs no skip - {model}: {L} shared layers x "
-                 f"{d.steps:,} shared batches\n{zeros}", fontsize=10)
+    ax.set_title(f"Gradient flow of {quantity}, skip vs no skip - {model}: {L} shared "
+                 f"layers x {d.steps:,} shared batches\n{zeros}", fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -98,29 +98,41 @@ def get_run(run_id: str):
         raise QueryError(f"runs: no run with ID {run_id!r} in {mlflow.get_tracking_uri()}") from None
 
 
-def probed_layers(run) -> list[str]:
-    """The run's probed layers, input side first (the order of its ``layers.resolved`` tag,
-    else of its ``layers`` param, which may be ``auto``).
+def probe_quantities(run) -> list[str]:
+    """What the run's probes measured, judged by its metrics: ``output`` (``grad_norm/*``)
+    and/or ``weight`` (``weight_grad_norm/*``), in that order; empty for other runs."""
+    return [q for q, prefix in names.METRIC_PREFIX.items()
+            if any(k.startswith(prefix) for k in run.data.metrics)]
 
-    Raises QueryError for a run without ``grad_norm/*`` metrics.
+
+def probed_layers(run, quantity: str = names.OUTPUT) -> list[str]:
+    """The run's probed layers, input side first (the order of its ``layers.resolved`` tag,
+    else of its ``layers`` param, which may be ``auto``), among those with metrics of
+    ``quantity`` (``output``: ``grad_norm/*``; ``weight``: ``weight_grad_norm/*``).
+
+    Raises QueryError for a run without such metrics.
     """
-    logged = {names.layer_of(k) for k in run.data.metrics if k.startswith(names.GRAD_NORM_PREFIX)}
+    prefix = names.METRIC_PREFIX[quantity]
+    logged = {names.layer_of(k, prefix) for k in run.data.metrics if k.startswith(prefix)}
     if not logged:
-        raise QueryError(f"runs: run {run.info.run_id} has no {names.GRAD_NORM_PREFIX}* metrics; "
+        raise QueryError(f"runs: run {run.info.run_id} has no {prefix}* metrics; "
                          "is it a training run of this project?")
     listed = run.data.tags.get(names.LAYERS_RESOLVED_TAG) or run.data.params.get("layers", "")
     order = [layer for layer in listed.split(",") if layer in logged]
     return order + sorted(logged - set(order))
 
 
-def gradient_history(run_id: str, layers: list[str] | None = None) -> pd.DataFrame:
-    """Every logged gradient norm of a run: one row per (step, layer), in step order.
+def gradient_history(run_id: str, layers: list[str] | None = None,
+                     quantity: str = names.OUTPUT) -> pd.DataFrame:
+    """Every logged gradient norm of a run: one row per (step, layer), in step order;
+    ``quantity`` picks the metrics (``output``: ``grad_norm/*``, ``weight``:
+    ``weight_grad_norm/*``).
 
     ``epoch`` is ``step // steps_per_epoch`` (a tag the training run records). Reads with
     ``MlflowClient.get_metric_history``, which pages through the store's results.
     """
     run = get_run(run_id)
-    available = probed_layers(run)
+    available = probed_layers(run, quantity)
     if layers is None:
         layers = available
     missing = [layer for layer in layers if layer not in available]
@@ -130,7 +142,7 @@ def gradient_history(run_id: str, layers: list[str] | None = None) -> pd.DataFra
     client = MlflowClient()
     frames = []
     for layer in layers:
-        points = client.get_metric_history(run_id, names.grad_norm(layer))
+        points = client.get_metric_history(run_id, names.METRIC_KEY[quantity](layer))
         steps = np.fromiter((p.step for p in points), dtype=np.int64, count=len(points))
         norms = np.fromiter((p.value for p in points), dtype=np.float64, count=len(points))
         frames.append(pd.DataFrame({"step": steps, "layer": layer, "norm": norms}))
@@ -160,7 +172,8 @@ def metric_histories(run_id: str) -> dict[str, list[tuple[int, float]]]:
 
 def dense_norms(run_id: str) -> dict[str, np.ndarray] | None:
     """A run's ``gradients/norms.npz`` (schema in ``pipeline/gradient_flow.py``): ``steps``,
-    ``layers``, ``norms``, ``loss`` as numpy arrays; None when the run has no such artifact
+    ``layers``, ``loss`` and ``norms`` and/or ``weight_norms`` (by the run's ``probe``) as
+    numpy arrays; None when the run has no such artifact
     (runs from before the dense record, or not training runs).
 
     Reads through MLflow's artifact API, so it works against a server with proxied
@@ -189,5 +202,5 @@ def final_metrics(run) -> dict[str, float]:
 
 
 __all__ = ["QueryError", "experiment_id", "experiment_ref", "find_experiment", "find_runs",
-           "get_run", "run_config", "probed_layers", "gradient_history", "final_metrics",
+           "get_run", "run_config", "probe_quantities", "probed_layers", "gradient_history", "final_metrics",
            "metric_histories", "dense_norms"]

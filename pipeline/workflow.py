@@ -55,8 +55,11 @@ def run_all(cfg: Config, force: bool) -> str:
             ids[variant_cfg.variant] = reused or train.run(variant_cfg)
             parent.set_tags({f"all.{variant_cfg.variant}_run": ids[variant_cfg.variant],
                              f"all.{variant_cfg.variant}_reused": str(bool(reused)).lower()})
-        cmp = CompareConfig(experiment=experiment_id, runs=f"{ids['noskip']},{ids['skip']}")
-        compare_id = compare.compare(cmp.experiment, cmp.run_ids, params=to_params(cmp))
+        # Compare what was probed: with probe=both, auto would leave the weight norms out.
+        cmp = CompareConfig(experiment=experiment_id, runs=f"{ids['noskip']},{ids['skip']}",
+                            quantity=cfg.probe)
+        compare_id = compare.compare(cmp.experiment, cmp.run_ids, params=to_params(cmp),
+                                     quantity=cmp.quantity)
         parent.set_tags({"all.compare_run": compare_id})
         parent.set_note(f"Trained (or reused) `{ids['noskip']}` (noskip) and `{ids['skip']}` "
                         f"(skip), compared in `{compare_id}`; the comparison's summary is on "
