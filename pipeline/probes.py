@@ -8,12 +8,23 @@ loss with respect to the module's output. Two things differ, both on purpose:
   of several (shared/reference/measurements.md). We reduce in float64: ``vector_norm(g,
   dtype=float64)`` casts inside the reduction, so entries down to ~1e-150 are exact enough.
 * No host sync. The notebook's hook calls ``.item()``, a CPU-GPU sync per layer per step.
-  Here each hook adds a squared norm into ``cur``, a float64 vector on the device; at the
-  step's named moment (``record``) the loss joins it and it is copied into the row of a
-  device buffer that a device-side counter points at. Every device op is capturable, so the
-  whole step, probes included, can be one CUDA graph (``engine``). The host copies the
-  buffer out every ``flush_every`` steps with one non-blocking copy into pinned memory, and
-  a background thread waits for it (``Chunk.values``), never the training loop.
+  Here each hook only keeps a reference to its gradient; at the step's named moment
+  (``record``) one grouped ``torch._foreach_norm(dtype=float64)`` reduces all of them (and,
+  with ``weights``, the parameters' gradients) at once, ``index_add_`` sums their squares
+  into ``cur``, a float64 vector on the device, the loss joins it, and it is copied into the
+  row of a device buffer that a device-side counter points at. Every device op is
+  capturable, so the whole step, probes included, can be one CUDA graph (``engine``). The
+  host copies the buffer out every ``flush_every`` steps with one non-blocking copy into
+  pinned memory, and a background thread waits for it (``Chunk.values``), never the
+  training loop.
+* Few kernels. Inside a CUDA graph at batch 16 the step costs about its number of kernels
+  (measurements.md: the GPU is launch-bound there), so the probes' cost is their kernel
+  count. A norm per hook took 4 ops per layer (norm, square, add, write-back: 24 for the
+  five default layers with the loss's row, 3.4% of a 699-op step, about the +3.3% the GPU
+  benchmark measured); the grouped reduction takes 8 whatever the number of layers up to
+  ``GROUP`` (counted with a dispatch mode: ``tests/test_probes.py``). A kept gradient costs
+  memory until the group is reduced, so at most ``GROUP`` are kept; with ``layers=all`` a
+  group is reduced as soon as it fills, during backward.
 
 Apple's MPS has no float64. There the probes fall back to float32 with scale-by-max
 (``max|g| * ||g / max|g|||``, whose squares cannot underflow), and combine a module's
@@ -24,9 +35,9 @@ ReLU, say) reports the norm over all its outputs together; the square root is ta
 host at readback.
 
 Weight gradients (``weights=True``, ``probe=weight|both``): at the same named moment, after
-backward (and after DDP has averaged them) and before the optimizer step, one grouped
-``torch._foreach_norm`` in float64 over the probed modules' own parameters (weight and bias)
-gives each module's weight-gradient norm; a few kernels for all layers, no host sync.
+backward (and after DDP has averaged them) and before the optimizer step, the probed
+modules' own parameters' gradients (weight and bias) join the same grouped float64
+reduction, which gives each module's weight-gradient norm; no extra kernels, no host sync.
 
 Columns of a row: the output-gradient norms (one per layer, when ``outputs``), the loss,
 then the weight-gradient norms (one per layer, when ``weights``).
@@ -43,6 +54,11 @@ import torch
 from torch import nn
 
 from .config import ConfigError
+
+# Output gradients kept for one grouped reduction. Bounds the memory they hold (the largest,
+# conv1's at 224 px and batch 16, is 51 MB in float32) while the default five layers, and
+# most hand-picked lists, still take a single group per step.
+GROUP = 16
 
 # The training loop also lets a chunk leave after this many seconds, even if not full: on a
 # CPU, where a 224 px step takes seconds, the console and the MLflow UI would otherwise wait
@@ -158,8 +174,12 @@ class GradientProbes:
         # Each probed module's own parameters, and the column its norm adds into.
         self._params = [(p, self.loss_col + 1 + i) for i, n in enumerate(names) if weights
                         for p in modules[n].parameters(recurse=False)]
-        self._param_cols = torch.tensor([c for _, c in self._params], dtype=torch.int64,
-                                        device=device)
+        # (gradient, column) pairs waiting for the grouped reduction (float64 path only).
+        self._kept: list[tuple[torch.Tensor, int]] = []
+        # Column-index tensors by layout, made on the device once: a layout first seen inside
+        # a CUDA capture would need a host-to-device copy there, which capture forbids, but
+        # the warm-up steps run the same body first and fill this (engine.Step._capture).
+        self._cols: dict[tuple[int, ...], torch.Tensor] = {}
 
     def _on_forward(self, col: int):
         def hook(module, inputs, output):
@@ -170,44 +190,72 @@ class GradientProbes:
 
     def _record(self, col: int, grad: torch.Tensor) -> None:
         # No .item(): everything stays on the device.
-        if self.squared:  # float64 inside the reduction: see the module docstring
-            self.cur[col] += torch.linalg.vector_norm(grad, dtype=torch.float64).square()
+        if self.squared:  # reduced in groups, in float64: see the module docstring
+            if len(self._kept) == GROUP:  # full: reduce now, during backward
+                self._reduce_kept()
+            self._kept.append((grad, col))
             return
-        # float32 fallback: scale by the largest entry first, so no square underflows.
+        self._add_scaled(col, grad)
+
+    def _add_scaled(self, col: int, grad: torch.Tensor) -> None:
+        # float32 fallback (MPS): scale by the largest entry first, so no square underflows;
+        # a module's several calls combine with hypot.
         top = grad.detach().abs().amax().float()
         scaled = torch.linalg.vector_norm(grad.float() / torch.where(top > 0, top, 1.0))
         self.cur[col] = torch.hypot(self.cur[col], top * scaled)
 
+    def _reduce_kept(self) -> None:
+        """Add the kept gradients' squared norms into ``cur``: one grouped float64 reduction
+        (so 1e-30 gradients keep their digits), one ``index_add_`` that also sums a module's
+        several calls; then let the gradients go."""
+        if not self._kept:
+            return
+        # One call per input dtype: CUDA's fused multi-tensor kernel takes one dtype per list
+        # and falls back to a kernel per tensor otherwise (bf16 output gradients beside
+        # float32 weight gradients, under autocast).
+        by_dtype: dict[torch.dtype, list[tuple[torch.Tensor, int]]] = {}
+        for grad, col in self._kept:
+            by_dtype.setdefault(grad.dtype, []).append((grad, col))
+        self._kept = []
+        norms, layout = [], []
+        for pairs in by_dtype.values():
+            norms += torch._foreach_norm([g for g, _ in pairs], 2, dtype=torch.float64)
+            layout += [c for _, c in pairs]
+        key = tuple(layout)
+        cols = self._cols.get(key)
+        if cols is None:
+            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("the probes' gradient layout changed during CUDA graph capture")
+            cols = self._cols[key] = torch.tensor(key, dtype=torch.int64, device=self.device)
+        self.cur.index_add_(0, cols, torch.stack(norms).square())
+
     def record(self, loss: torch.Tensor) -> None:
-        """The step's one named moment, on the device: after backward its norms are complete,
-        the loss joins them, and the row is written. Capturable: no host values involved."""
-        self.cur[self.loss_col].copy_(loss.detach())
-        if self.reduce is not None:  # output norms and loss; weight gradients are global already
-            self.reduce(self.cur[:self.loss_col + 1])
+        """The step's one named moment, on the device: after backward the kept gradients
+        are reduced (with the weights' own, when probed), the loss joins the norms, and the
+        row is written. Capturable: no host values involved."""
         if self._params:
-            self._record_weights()
+            self._keep_weights()
+        self._reduce_kept()
+        self.cur[self.loss_col].copy_(loss.detach())
+        if self.reduce is not None:
+            # The output norms and the loss only (a prefix of the row): DDP has averaged the
+            # weight gradients already, so their norms are global.
+            self.reduce(self.cur[:self.loss_col + 1])
         self.buf.index_copy_(0, self.row_t, self.cur.unsqueeze(0))
         self.row_t += 1
         self.cur.zero_()
 
-    def _record_weights(self) -> None:
-        # A parameter without a gradient (never None for a module the forward pass used)
-        # is skipped: checking it is a Python attribute read, not a device sync.
-        pairs = [(p.grad, c) for (p, _), c in zip(self._params, self._param_cols) if p.grad is not None]
-        if not pairs:
-            return
-        grads = [g for g, _ in pairs]
-        cols = torch.stack([c for _, c in pairs]) if len(pairs) != len(self._params) else self._param_cols
-        if self.squared:
-            # One grouped kernel family for every parameter: float64 inside the reduction,
-            # so 1e-30 gradients keep their digits (the module docstring).
-            norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64))
-            self.cur.index_add_(0, cols, norms.square())
-            return
-        for g, c in pairs:  # the float32 fallback (MPS): scale by max, combine with hypot
-            top = g.detach().abs().amax().float()
-            scaled = torch.linalg.vector_norm(g.float() / torch.where(top > 0, top, 1.0))
-            self.cur[c] = torch.hypot(self.cur[c], top * scaled)
+    def _keep_weights(self) -> None:
+        # After backward (and DDP's averaging), before the optimizer step. A parameter
+        # without a gradient (never None for a module the forward pass used) is skipped:
+        # checking it is a Python attribute read, not a device sync.
+        for p, col in self._params:
+            if p.grad is None:
+                continue
+            if self.squared:
+                self._kept.append((p.grad, col))
+            else:
+                self._add_scaled(col, p.grad)
 
     def advance(self) -> Chunk | None:
         """The host's half of a step: count the row; hand out a chunk when it is time."""
@@ -231,6 +279,7 @@ class GradientProbes:
 
     def reset(self) -> None:
         """Forget everything recorded (after a CUDA graph's warm-up steps, say)."""
+        self._kept = []
         self.buf.zero_()
         self.cur.zero_()
         self.row_t.zero_()

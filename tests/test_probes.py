@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline import config
 from pipeline.config import ConfigError
 from pipeline.models import build_model
+from pipeline import probes as probes_mod
 from pipeline.probes import GradientProbes, check_layers
 
 CPU = torch.device("cpu")
@@ -160,6 +162,69 @@ def test_module_called_several_times_reports_root_of_summed_squared_output_gradi
     expected = math.sqrt(math.fsum(v * v for v in reference))
     assert_rel_close(probed[0], expected, what=layer)
     assert probed[0] > max(reference) * (1 + 1e-9)  # not just the last (or largest) call
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+def test_more_layers_than_one_reduction_group_still_equal_the_notebook_hook_norms():
+    # Every conv and the head: 54 layers, so the kept gradients are reduced in several groups,
+    # some of them during backward.
+    torch.manual_seed(3)
+    model = build_model("resnet50", skip=True).train()
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(layers) > 3 * probes_mod.GROUP
+    x, y = small_batch(n=2, seed=3)
+    probed, _ = probe_norms(model, layers, x, y)
+    reference = notebook_hook_norms(model, layers, x, y)
+    for col, layer in enumerate(layers):
+        assert_rel_close(probed[col], reference[layer][0], what=layer)
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the ATen ops that run (each one kernel or more on a GPU); views are free."""
+
+    VIEWS = {"view", "_unsafe_view", "select", "slice", "as_strided", "t", "expand", "unsqueeze",
+             "squeeze", "detach", "alias", "permute", "transpose", "_reshape_alias", "unbind"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += func.overloadpacket.__name__ not in self.VIEWS
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(model: nn.Module, layers, weights: bool, probed: bool) -> int:
+    probes = GradientProbes(model, tuple(layers), flush_every=10, device=CPU,
+                            weights=weights) if probed else None
+    x, y = small_batch(n=2)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        if probes is not None:
+            probes.record(loss)
+
+    step()
+    with CountOps() as counter:
+        step()
+    if probes is not None:
+        probes.remove()
+    return counter.ops
+
+
+@pytest.mark.parametrize("weights", [False, True])
+def test_probes_add_eight_ops_to_a_step_whether_they_watch_five_layers_or_sixteen(weights):
+    # At batch 16 a CUDA graph's step costs about its kernel count (measurements.md), so a
+    # per-layer op count is a per-layer cost; the reduction is grouped to keep it flat.
+    torch.manual_seed(0)
+    model = build_model("resnet50", skip=False).train()
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and "downsample" not in n]
+    bare = ops_per_step(model, (), weights=False, probed=False)
+    five = ops_per_step(model, config.DEFAULT_LAYERS, weights, probed=True) - bare
+    sixteen = ops_per_step(model, convs[:probes_mod.GROUP], weights, probed=True) - bare
+    assert five == sixteen == 8
 
 
 # --- (c) check_layers ---------------------------------------------------------------------------
