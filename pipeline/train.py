@@ -421,192 +421,247 @@ class NonFiniteWatch:
 
 def _train(cfg, model, data, device, autocast, tracker, use_graph, resume=None, every_step=None,
            comm: distributed.Comm | None = None):
-    comm = comm or distributed.Comm(distributed.World(), device)
-    main = comm.world.main
-    channels_last = cfg.wants_channels_last(device.type)
-    model.to(device).train()
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = engine.make_optimizer(cfg.optimizer, model.parameters(), cfg.lr,
-                                      capturable=use_graph)
-    steps_per_epoch = data.steps_per_epoch
-    total = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
+    training = Training(cfg, model, data, device, autocast, tracker, use_graph, resume, every_step,
+                        comm or distributed.Comm(distributed.World(), device))
+    training.run()
+    return training.finish()
 
-    # --- where to start: step 0, or a checkpoint ------------------------------------------
-    ckpt_path = checkpoint.path_for(cfg.checkpoint_dir, tracker.run_id)
-    position = checkpoint.Position(0, 0, 0, data.order.start_state)
-    history, resumed = None, {}
-    if resume is not None:
-        position, resumed = checkpoint.load(resume.path, model, optimizer, device)
-        data.order.resume(position.order_state, position.batch * cfg.batch_size)
-        if main:
-            history = query.metric_histories(tracker.run_id)
-        tracker.set_tags({names.RESUMED_AT_TAG: str(position.step)})
-    net = comm.wrap(model, device)  # after loading: every rank starts from the same weights
 
-    # The buffer never needs more rows than the run has steps.
-    probes = GradientProbes(model, cfg.layers, min(cfg.flush_every, total), device,
-                            flush_seconds=FLUSH_SECONDS, reduce=comm.reduce_probes,
-                            outputs=cfg.probes_outputs, weights=cfg.probes_weights)
-    probes.start_at(position.step)
-    step_fn = engine.Step(net, optimizer, probes, autocast, device, graph=use_graph,
-                          channels_last=channels_last)
-    # The probes measure every layer; the metric writer gets the every-step columns (and
-    # the loss), the Collector the full rows: the dense artifact, the thinned metrics of the
-    # other layers (with layers=all), the NaN watch and the dead-network warning.
-    every_step = tuple(cfg.layers) if every_step is None else tuple(every_step)
-    progress = Progress(cfg.epochs, steps_per_epoch, cfg.batch_size, total,
-                        estimate=device.type == "cpu",
-                        stream=None if main else open(os.devnull, "w"))  # rank 0 speaks
-    collector = gradient_flow.Collector(cfg.layers, every_step, cfg.metric_every,
-                                        warn=progress.write, outputs=cfg.probes_outputs,
-                                        weights=cfg.probes_weights)
-    watch = NonFiniteWatch(collector.all_keys, position.step, lambda values: None)
-    collector.then = watch  # the NaN watch names the collector's columns
-    tracker.stream(collector.keys, on_values=progress.on_values, history=history)
+class Training:
+    """One ``_train`` call: the run's state, and its epoch loop in named parts."""
 
-    def send_thinned() -> bool:
-        """The thinned points the writer thread has collected, queued from this thread."""
-        pending = collector.take_pending()
-        for at, ms, metrics in pending:
-            tracker.log_epoch(at, metrics, ms)  # a batch of points at step ``at``
-        return bool(pending)
+    def __init__(self, cfg, model, data, device, autocast, tracker, use_graph, resume,
+                 every_step, comm: distributed.Comm):
+        self.cfg, self.model, self.data, self.device = cfg, model, data, device
+        self.autocast, self.tracker, self.resume, self.comm = autocast, tracker, resume, comm
+        self.main = comm.world.main
+        self.channels_last = cfg.wants_channels_last(device.type)
+        model.to(device).train()
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.optimizer = engine.make_optimizer(cfg.optimizer, model.parameters(), cfg.lr,
+                                               capturable=use_graph)
+        self.steps_per_epoch = data.steps_per_epoch
+        total = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps:
+            total = min(total, cfg.max_steps)
 
-    def submit(chunk) -> None:  # host only: the chunk is read back in the writer thread
-        tracker.submit(collector.wrap(chunk))
-        send_thinned()
-    tracker.set_tags({names.CHECKPOINT_TAG: str(ckpt_path)})
+        # --- where to start: step 0, or a checkpoint ------------------------------------------
+        self.ckpt_path = checkpoint.path_for(cfg.checkpoint_dir, tracker.run_id)
+        self.position = checkpoint.Position(0, 0, 0, data.order.start_state)
+        history, self.resumed = None, {}
+        if resume is not None:
+            self.position, self.resumed = checkpoint.load(resume.path, model, self.optimizer,
+                                                          device)
+            data.order.resume(self.position.order_state, self.position.batch * cfg.batch_size)
+            if self.main:
+                history = query.metric_histories(tracker.run_id)
+            tracker.set_tags({names.RESUMED_AT_TAG: str(self.position.step)})
+        net = comm.wrap(model, device)  # after loading: every rank starts from the same weights
 
-    step, epoch, in_epoch, summary = position.step, position.epoch, position.batch, {}
-    due = {"checkpoint": False}  # set by on_step; acted on between steps
+        # The buffer never needs more rows than the run has steps.
+        self.probes = GradientProbes(model, cfg.layers, min(cfg.flush_every, total), device,
+                                     flush_seconds=FLUSH_SECONDS, reduce=comm.reduce_probes,
+                                     outputs=cfg.probes_outputs, weights=cfg.probes_weights)
+        self.probes.start_at(self.position.step)
+        self.step_fn = engine.Step(net, self.optimizer, self.probes, autocast, device,
+                                   graph=use_graph, channels_last=self.channels_last)
+        # The probes measure every layer; the metric writer gets the every-step columns (and
+        # the loss), the Collector the full rows: the dense artifact, the thinned metrics of the
+        # other layers (with layers=all), the NaN watch and the dead-network warning.
+        self.every_step = tuple(cfg.layers) if every_step is None else tuple(every_step)
+        self.progress = Progress(
+            cfg.epochs, self.steps_per_epoch, cfg.batch_size, total, estimate=device.type == "cpu",
+            stream=None if self.main else open(os.devnull, "w"))  # rank 0 speaks
+        self.collector = gradient_flow.Collector(cfg.layers, self.every_step, cfg.metric_every,
+                                                 warn=self.progress.write,
+                                                 outputs=cfg.probes_outputs,
+                                                 weights=cfg.probes_weights)
+        self.watch = NonFiniteWatch(self.collector.all_keys, self.position.step,
+                                    lambda values: None)
+        self.collector.then = self.watch  # the NaN watch names the collector's columns
+        tracker.stream(self.collector.keys, on_values=self.progress.on_values, history=history)
+        tracker.set_tags({names.CHECKPOINT_TAG: str(self.ckpt_path)})
 
-    def save_checkpoint(at_epoch: int, at_batch: int, seen: int) -> bool:
-        """Points before ``step`` land first: a resume never redoes them. Refused once a
-        NaN/Inf was seen with on_nan=stop, so the last checkpoint stays the last good one.
-        Under DDP every rank comes here at the same step; rank 0 writes the file."""
-        submit(probes.drain())
-        tracker.wait()
-        if send_thinned():
-            tracker.wait()
-        # The ranks agree, as rank 0 alone reads the norms back.
-        bad, = comm.agree([int(watch.first is not None and cfg.on_nan == "stop")])
-        agreed["nan"] = agreed["nan"] or bool(bad)
-        if bad:
+        self.step, self.epoch = self.position.step, self.position.epoch
+        self.in_epoch = self.position.batch
+        self.summary: dict = {}
+        self.t0, self.seen = 0.0, 0  # the open epoch's start time and images
+        self.checkpoint_due = False  # set by on_step; acted on between steps
+        self.agreed_signum, self.agreed_nan = 0, False  # what every rank knows, after comm.agree
+
+    # --- the loop ---------------------------------------------------------------------------
+    def run(self) -> None:
+        with stop_on_signals() as self.signals:
+            if self.resume is None:
+                self.save_checkpoint(0, 0, 0)  # the state before any step: always a good one
+            try:
+                while self.epoch < self.cfg.epochs:
+                    self.run_epoch()
+                    if self.cfg.max_steps and self.step >= self.cfg.max_steps:
+                        break
+            finally:
+                self.progress.close()
+                self.probes.remove()
+                self.tracker.set_tags(self.watch.tags)
+
+    def run_epoch(self) -> None:
+        """An epoch (or what is left of it), in parts where a checkpoint falls inside it."""
+        self.start_epoch()
+        while True:
+            limit = self.cfg.max_steps - self.step if self.cfg.max_steps else None
+            done, images = engine.run_steps(self.step_fn, self.data.train, self.device,
+                                            self.probes, self.submit, self.on_step, limit,
+                                            self.stop)
+            self.step, self.in_epoch, self.seen = (self.step + done, self.in_epoch + done,
+                                                   self.seen + images)
+            self.stop_if_agreed()
+            if not self.checkpoint_within_epoch():
+                break
+        self.end_epoch()
+
+    def start_epoch(self) -> None:
+        self.progress.start_epoch(self.epoch)
+        self.t0 = time.perf_counter()
+        # A resumed epoch carries on the counts of its first part (global
+        # counts: under DDP rank 0 carries them, the others start from 0).
+        carried = bool(self.in_epoch and self.main)
+        self.step_fn.correct.fill_(self.resumed.get("correct", 0) if carried else 0)
+        self.seen = self.resumed.get("seen", 0) if carried else 0
+
+    def stop_if_agreed(self) -> None:
+        """Raise for a signal or a NaN/Inf (on_nan=stop) any rank saw."""
+        self.agree()  # the loop may have ended without asking stop() (an epoch's end)
+        if self.agreed_signum:
+            self.save_checkpoint(self.epoch, self.in_epoch, self.seen)
+            name = signal.Signals(self.agreed_signum).name
+            raise _agreed(self.comm, Interrupted(
+                f"{name} after step {self.step - 1}; checkpoint {self.ckpt_path} "
+                f"(resume with -P resume={self.tracker.run_id})", self.agreed_signum))
+        if self.agreed_nan:
+            self.stop_for_nonfinite()
+
+    def checkpoint_within_epoch(self) -> bool:
+        """Save a checkpoint that fell due before the epoch's end; true if the epoch goes on."""
+        epoch_done = (self.in_epoch >= self.steps_per_epoch
+                      or bool(self.cfg.max_steps and self.step >= self.cfg.max_steps))
+        if not self.checkpoint_due:
             return False
-        correct, seen = _global_counts(comm, step_fn.correct, seen, device)
-        if not main:
-            return True
-        # Mid-epoch: this epoch's order is redrawn from its start state; at an epoch's end
-        # the generator has already moved on to the next epoch's state.
-        order_state = (data.order.start_state if at_batch
-                       else data.order.sampler.generator.get_state())
-        checkpoint.save(ckpt_path, model, optimizer,
-                        checkpoint.Position(step, at_epoch, at_batch, order_state),
-                        cfg.to_params(), {"run_id": tracker.run_id,
-                                          "correct": correct, "seen": seen})
+        self.checkpoint_due = False
+        if epoch_done:
+            return False
+        if not self.save_checkpoint(self.epoch, self.in_epoch, self.seen):
+            self.stop_for_nonfinite()
+        # the rest of the epoch: the same order, from where it stopped
+        self.data.order.resume(self.data.order.start_state, self.in_epoch * self.cfg.batch_size)
         return True
 
-    def on_step(i):  # i counts from 0 within this call; ``step`` is read at call time
-        if step + i == position.step:
-            _log_engine(tracker, step_fn, channels_last, progress)
-        progress.step(step + i)
-        if cfg.checkpoint_every and (step + i + 1) % cfg.checkpoint_every == 0:
-            due["checkpoint"] = True
+    def end_epoch(self) -> None:
+        """The epoch is over (or max_steps is reached): its metrics, the test split, and a
+        checkpoint."""
+        self.submit(self.probes.drain())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # once per epoch, so the timing below is honest
+        train_seconds = time.perf_counter() - self.t0
+        test_loss, test_acc = evaluate(self.model, self.data.test, self.device, self.autocast,
+                                       self.comm)
+        correct, seen = _global_counts(self.comm, self.step_fn.correct, self.seen, self.device)
+        self.summary = {
+            names.TRAIN_ACCURACY: correct / max(seen, 1),
+            names.TEST_ACCURACY: test_acc,
+            names.TEST_LOSS: test_loss,
+            names.EPOCH_SECONDS: time.perf_counter() - self.t0,
+            names.IMAGES_PER_SECOND: seen / max(train_seconds, 1e-9),
+        }
+        self.tracker.log_epoch(self.epoch, self.summary, int(time.time() * 1000))
+        self.progress.end_epoch(
+            f"loss {self.progress.loss_text} "
+            f"train acc {self.summary[names.TRAIN_ACCURACY]:.3f} "
+            f"test acc {test_acc:.3f} test loss {test_loss:.4f} "
+            f"({self.summary[names.IMAGES_PER_SECOND]:.0f} img/s)")
+        self.epoch, self.in_epoch = self.epoch + 1, 0
+        if not self.save_checkpoint(self.epoch, 0, 0):  # every epoch's end, and the run's
+            self.stop_for_nonfinite()
 
-    agreed = {"signum": 0, "nan": False}  # what every rank knows, after comm.agree
+    def finish(self):
+        """After the loop: the last points sent; returns what ``_train`` returns."""
+        tracker = self.tracker
+        tracker.set_tags({names.EAGER_STEPS_TAG: str(self.step_fn.eager_batches)})
+        tracker.wait()
+        self.send_thinned()
+        series = tracker.flush()
+        # gradients.json and its plot: the output-gradient norms (the notebook's), or with
+        # probe=weight the weight-gradient norms.
+        key = names.grad_norm if self.cfg.probes_outputs else names.weight_grad_norm
+        gradients = {layer: [v for _, v in sorted(series.get(key(layer), []))]
+                     for layer in self.every_step}
+        self.summary["steps"] = self.step
+        if self.cfg.wants_checkpoint_artifact and self.main:
+            tracker.log_artifact(self.ckpt_path, names.CHECKPOINT_ARTIFACT)
+        return gradients, self.summary, self.collector.dense()
 
-    def agree() -> None:
+    # --- what engine.run_steps calls back --------------------------------------------------
+    def submit(self, chunk) -> None:  # host only: the chunk is read back in the writer thread
+        self.tracker.submit(self.collector.wrap(chunk))
+        self.send_thinned()
+
+    def send_thinned(self) -> bool:
+        """The thinned points the writer thread has collected, queued from this thread."""
+        pending = self.collector.take_pending()
+        for at, ms, metrics in pending:
+            self.tracker.log_epoch(at, metrics, ms)  # a batch of points at step ``at``
+        return bool(pending)
+
+    def on_step(self, i) -> None:  # i counts from 0 within this call; ``step`` is read at call time
+        if self.step + i == self.position.step:
+            _log_engine(self.tracker, self.step_fn, self.channels_last, self.progress)
+        self.progress.step(self.step + i)
+        if self.cfg.checkpoint_every and (self.step + i + 1) % self.cfg.checkpoint_every == 0:
+            self.checkpoint_due = True
+
+    def stop(self) -> bool:  # host flags only: no device sync
+        self.agree()
+        return bool(self.agreed_signum or self.agreed_nan or self.checkpoint_due)
+
+    # --- checkpoints, and what the ranks agree on -----------------------------------------
+    def agree(self) -> None:
         """Under DDP a signal or a NaN seen by one rank (rank 0 alone reads the norms back)
         must stop every rank after the same step, or the others would wait for it forever:
         one gloo all_reduce of two host flags per step (a no-op with one process)."""
-        signum, nan = comm.agree([signals["signum"] or 0,
-                                  int(cfg.on_nan == "stop" and watch.first is not None)])
-        agreed["signum"], agreed["nan"] = signum, agreed["nan"] or bool(nan)
+        signum, nan = self.comm.agree([self.signals["signum"] or 0,
+                                       int(self.cfg.on_nan == "stop"
+                                           and self.watch.first is not None)])
+        self.agreed_signum, self.agreed_nan = signum, self.agreed_nan or bool(nan)
 
-    with stop_on_signals() as signals:
-        def stop() -> bool:  # host flags only: no device sync
-            agree()
-            return bool(agreed["signum"] or agreed["nan"] or due["checkpoint"])
+    def save_checkpoint(self, at_epoch: int, at_batch: int, seen: int) -> bool:
+        """Points before ``step`` land first: a resume never redoes them. Refused once a
+        NaN/Inf was seen with on_nan=stop, so the last checkpoint stays the last good one.
+        Under DDP every rank comes here at the same step; rank 0 writes the file."""
+        self.submit(self.probes.drain())
+        self.tracker.wait()
+        if self.send_thinned():
+            self.tracker.wait()
+        # The ranks agree, as rank 0 alone reads the norms back.
+        bad, = self.comm.agree([int(self.watch.first is not None and self.cfg.on_nan == "stop")])
+        self.agreed_nan = self.agreed_nan or bool(bad)
+        if bad:
+            return False
+        correct, seen = _global_counts(self.comm, self.step_fn.correct, seen, self.device)
+        if not self.main:
+            return True
+        # Mid-epoch: this epoch's order is redrawn from its start state; at an epoch's end
+        # the generator has already moved on to the next epoch's state.
+        order_state = (self.data.order.start_state if at_batch
+                       else self.data.order.sampler.generator.get_state())
+        checkpoint.save(self.ckpt_path, self.model, self.optimizer,
+                        checkpoint.Position(self.step, at_epoch, at_batch, order_state),
+                        self.cfg.to_params(), {"run_id": self.tracker.run_id,
+                                               "correct": correct, "seen": seen})
+        return True
 
-        if resume is None:
-            save_checkpoint(0, 0, 0)  # the state before any step: always a good one
-        epoch_open, seen = False, 0
-        try:
-            while epoch < cfg.epochs:
-                if not epoch_open:
-                    progress.start_epoch(epoch)
-                    t0, epoch_open = time.perf_counter(), True
-                    # A resumed epoch carries on the counts of its first part (global
-                    # counts: under DDP rank 0 carries them, the others start from 0).
-                    carried = bool(in_epoch and main)
-                    step_fn.correct.fill_(resumed.get("correct", 0) if carried else 0)
-                    seen = resumed.get("seen", 0) if carried else 0
-                limit = cfg.max_steps - step if cfg.max_steps else None
-                done, images = engine.run_steps(step_fn, data.train, device, probes,
-                                                submit, on_step, limit, stop)
-                step, in_epoch, seen = step + done, in_epoch + done, seen + images
-                agree()  # the loop may have ended without asking stop() (an epoch's end)
-                if agreed["signum"]:
-                    save_checkpoint(epoch, in_epoch, seen)
-                    name = signal.Signals(agreed["signum"]).name
-                    raise _agreed(comm, Interrupted(
-                        f"{name} after step {step - 1}; checkpoint {ckpt_path} "
-                        f"(resume with -P resume={tracker.run_id})", agreed["signum"]))
-                if agreed["nan"]:
-                    _stop_for_nonfinite(watch, ckpt_path, tracker, probes, submit, comm)
-                epoch_done = in_epoch >= steps_per_epoch or bool(cfg.max_steps and step >= cfg.max_steps)
-                if due["checkpoint"]:
-                    due["checkpoint"] = False
-                    if not epoch_done:
-                        if not save_checkpoint(epoch, in_epoch, seen):
-                            _stop_for_nonfinite(watch, ckpt_path, tracker, probes, submit, comm)
-                        # the rest of the epoch: the same order, from where it stopped
-                        data.order.resume(data.order.start_state, in_epoch * cfg.batch_size)
-                        continue
-                # --- the epoch is over (or max_steps is reached) --------------------------
-                submit(probes.drain())
-                if device.type == "cuda":
-                    torch.cuda.synchronize()  # once per epoch, so the timing below is honest
-                train_seconds = time.perf_counter() - t0
-                test_loss, test_acc = evaluate(model, data.test, device, autocast, comm)
-                correct, seen = _global_counts(comm, step_fn.correct, seen, device)
-                summary = {
-                    names.TRAIN_ACCURACY: correct / max(seen, 1),
-                    names.TEST_ACCURACY: test_acc,
-                    names.TEST_LOSS: test_loss,
-                    names.EPOCH_SECONDS: time.perf_counter() - t0,
-                    names.IMAGES_PER_SECOND: seen / max(train_seconds, 1e-9),
-                }
-                tracker.log_epoch(epoch, summary, int(time.time() * 1000))
-                progress.end_epoch(
-                    f"loss {progress.loss_text} train acc {summary[names.TRAIN_ACCURACY]:.3f} "
-                    f"test acc {test_acc:.3f} test loss {test_loss:.4f} "
-                    f"({summary[names.IMAGES_PER_SECOND]:.0f} img/s)")
-                epoch, in_epoch, epoch_open = epoch + 1, 0, False
-                if not save_checkpoint(epoch, 0, 0):  # every epoch's end, and the run's
-                    _stop_for_nonfinite(watch, ckpt_path, tracker, probes, submit, comm)
-                if cfg.max_steps and step >= cfg.max_steps:
-                    break
-        finally:
-            progress.close()
-            probes.remove()
-            tracker.set_tags(watch.tags)
-
-    tracker.set_tags({names.EAGER_STEPS_TAG: str(step_fn.eager_batches)})
-    tracker.wait()
-    send_thinned()
-    series = tracker.flush()
-    # gradients.json and its plot: the output-gradient norms (the notebook's), or with
-    # probe=weight the weight-gradient norms.
-    key = names.grad_norm if cfg.probes_outputs else names.weight_grad_norm
-    gradients = {layer: [v for _, v in sorted(series.get(key(layer), []))]
-                 for layer in every_step}
-    summary["steps"] = step
-    if cfg.wants_checkpoint_artifact and main:
-        tracker.log_artifact(ckpt_path, names.CHECKPOINT_ARTIFACT)
-    return gradients, summary, collector.dense()
+    def stop_for_nonfinite(self) -> None:
+        _stop_for_nonfinite(self.watch, self.ckpt_path, self.tracker, self.probes, self.submit,
+                            self.comm)
 
 
 def _stop_for_nonfinite(watch: NonFiniteWatch, ckpt_path, tracker: Tracker, probes,
