@@ -46,21 +46,19 @@ EXPLODING_RATIO = 1e3
 DEAD_ZERO_FRACTION = 0.5
 
 ARTIFACT_DIR = "comparison"
-NORMS_PLOT = f"{ARTIFACT_DIR}/gradient_norms.png"
-DEPTH_PLOT = f"{ARTIFACT_DIR}/depth_profile.png"
-SUMMARY_MD = f"{ARTIFACT_DIR}/summary.md"
-SUMMARY_CSV = f"{ARTIFACT_DIR}/summary.csv"
-SUMMARY_JSON = f"{ARTIFACT_DIR}/summary.json"
-EPOCHS_CSV = f"{ARTIFACT_DIR}/per_epoch.csv"
-DIFFERENCE_PLOT = names.DIFFERENCE_PLOT
-# quantity=weight|both: the same artifacts for the weight-gradient norms.
-WEIGHT_NORMS_PLOT = f"{ARTIFACT_DIR}/weight_gradient_norms.png"
-WEIGHT_DEPTH_PLOT = f"{ARTIFACT_DIR}/weight_depth_profile.png"
-WEIGHT_SUMMARY_MD = f"{ARTIFACT_DIR}/weight_summary.md"
-WEIGHT_SUMMARY_CSV = f"{ARTIFACT_DIR}/weight_summary.csv"
-WEIGHT_SUMMARY_JSON = f"{ARTIFACT_DIR}/weight_summary.json"
-WEIGHT_EPOCHS_CSV = f"{ARTIFACT_DIR}/weight_per_epoch.csv"
-WEIGHT_DIFFERENCE_PLOT = names.WEIGHT_DIFFERENCE_PLOT
+
+
+def artifact_paths(prefix: str) -> dict[str, str]:
+    """One quantity's artifact paths: ``prefix`` is "" for output gradients (the original
+    names, a documented API) and "weight_" for weight gradients."""
+    return {"norms_plot": f"{ARTIFACT_DIR}/{prefix}gradient_norms.png",
+            "depth_plot": f"{ARTIFACT_DIR}/{prefix}depth_profile.png",
+            "summary_md": f"{ARTIFACT_DIR}/{prefix}summary.md",
+            "summary_csv": f"{ARTIFACT_DIR}/{prefix}summary.csv",
+            "summary_json": f"{ARTIFACT_DIR}/{prefix}summary.json",
+            "epochs_csv": f"{ARTIFACT_DIR}/{prefix}per_epoch.csv"}
+
+
 # gradient_norms.png draws at most this many layer panels (2.3 inches each): with layers=all
 # a ResNet-50 shares 50 layers, a 116-inch figure nobody reads. The tables and the
 # difference heatmap keep every layer.
@@ -89,17 +87,23 @@ class Quantity:
         return f"{self.name}-gradient norms ({names.METRIC_PREFIX[self.name]}*)"
 
 
-OUTPUT = Quantity(names.OUTPUT, "dLoss/d(layer output)", "Gradient norms", "", NORMS_PLOT,
-                  DEPTH_PLOT, DIFFERENCE_PLOT, names.DIFFERENCE_TAG, SUMMARY_MD, SUMMARY_CSV,
-                  SUMMARY_JSON, EPOCHS_CSV)
+OUTPUT = Quantity(names.OUTPUT, "dLoss/d(layer output)", "Gradient norms", "",
+                  difference_plot=names.DIFFERENCE_PLOT, difference_tag=names.DIFFERENCE_TAG,
+                  **artifact_paths(""))
 WEIGHT = Quantity(names.WEIGHT, "dLoss/d(layer weights)", "Weight-gradient norms",
                   " Weight-gradient norms get the same rule: a layer's median weight-gradient "
                   "norm relative to that of the output-side layer, with the thresholds set for "
                   "output gradients, unchanged.",
-                  WEIGHT_NORMS_PLOT, WEIGHT_DEPTH_PLOT, WEIGHT_DIFFERENCE_PLOT,
-                  names.WEIGHT_DIFFERENCE_TAG, WEIGHT_SUMMARY_MD, WEIGHT_SUMMARY_CSV,
-                  WEIGHT_SUMMARY_JSON, WEIGHT_EPOCHS_CSV)
+                  difference_plot=names.WEIGHT_DIFFERENCE_PLOT,
+                  difference_tag=names.WEIGHT_DIFFERENCE_TAG, **artifact_paths("weight_"))
 QUANTITIES = {q.name: q for q in (OUTPUT, WEIGHT)}
+
+# The artifact paths by name, as tests and readers import them.
+NORMS_PLOT, DEPTH_PLOT, DIFFERENCE_PLOT = OUTPUT.norms_plot, OUTPUT.depth_plot, OUTPUT.difference_plot
+SUMMARY_MD, SUMMARY_CSV, SUMMARY_JSON = OUTPUT.summary_md, OUTPUT.summary_csv, OUTPUT.summary_json
+EPOCHS_CSV = OUTPUT.epochs_csv
+WEIGHT_SUMMARY_MD, WEIGHT_SUMMARY_CSV = WEIGHT.summary_md, WEIGHT.summary_csv
+WEIGHT_SUMMARY_JSON, WEIGHT_EPOCHS_CSV = WEIGHT.summary_json, WEIGHT.epochs_csv
 
 
 def status(median: float, zero_fraction: float, reference: float) -> str:
