@@ -8,7 +8,8 @@
 # Usage: bench/gpu_check.sh [STEPS...]   STEPS: tests bench experiment (default: all three)
 # Env:   OUT (results folder, default ./gpu-results), EPOCHS (experiment, default 10),
 #        PRECISION (experiment, default "default"), CIFAR_TGZ (the JPEG archive; default
-#        .data/cifar10-jpg.tar.gz, a copy of ../shared/data/cifar10-jpg.tar.gz), EXTRA
+#        .data/cifar10-jpg.tar.gz, a copy of ../shared/data/cifar10-jpg.tar.gz), BENCH_ARGS
+#        (benchmark options, e.g. "--steps 50 --repeats 2" to fit a short device lease), EXTRA
 #        (more `all` options, e.g. "--image-size 32 --max-steps 5" for a CPU dry run).
 # The machine may have torch and torchvision but no MLflow: wheels in .whl/ (see
 # BENCHMARKS.md, "Reproducing the GPU figures") are installed into /tmp/site first.
@@ -41,7 +42,8 @@ fi
 
 if [[ " $STEPS " == *" bench "* ]]; then
     echo "== benchmark"
-    python3 bench/train_step.py --out "$OUT/bench.json" > "$OUT/bench.md" 2> "$OUT/bench.log" || status=1
+    # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
+    python3 bench/train_step.py --out "$OUT/bench.json" ${BENCH_ARGS:-} > "$OUT/bench.md" 2> "$OUT/bench.log" || status=1
     cat "$OUT/bench.md"
 fi
 

@@ -9,9 +9,10 @@ In one process, on the current device (CUDA if visible), it times in turn:
   eager         this project's reference loop: DataLoader workers, probes + MLflow on, eager
   fast          the default on CUDA: data on the device, one CUDA graph per step,
                 channels_last; probes + MLflow logging on
+  fast, probes  the same loop with probes on and MLflow logging off (the overhead's split)
   fast, off     the same loop with probes and logging both off
-  ... the same two for bf16, variants without channels_last / without the graph / with
-  cudnn.benchmark,
+  ... the same three for bf16, variants without channels_last / without the graph / with
+  cudnn.benchmark / with the foreach Adam instead of the fused one,
   and ceilings: batch 256, no probes, eager, per precision.
 
 Each row is the median of ``--repeats`` timed windows of ``--steps`` steps after warm-up
@@ -106,7 +107,7 @@ def notebook_loop(args, device, train_set) -> float:
 # --- this project's loop ---------------------------------------------------------------------
 def project_loop(args, device, cfg: config.Config, *, probes_on: bool, logging_on: bool,
                  graph: bool, channels_last: bool, benchmark: bool = False,
-                 batch_size: int | None = None) -> tuple[float, str]:
+                 batch_size: int | None = None, fused: bool = True) -> tuple[float, str]:
     """``engine.run_steps`` as ``train.run`` drives it; returns (s/step, engine mode)."""
     batch_size = batch_size or cfg.batch_size
     torch.manual_seed(0)
@@ -116,7 +117,8 @@ def project_loop(args, device, cfg: config.Config, *, probes_on: bool, logging_o
     data = data_mod.build(dataclasses.replace(cfg, batch_size=batch_size), device)
     with precision_mode(cfg.precision, device) as autocast, tracker_or_none(logging_on) as tracker:
         torch.backends.cudnn.benchmark = benchmark and device.type == "cuda"
-        optimizer = engine.make_optimizer("adam", model.parameters(), 0.001, capturable=graph)
+        optimizer = engine.make_optimizer("adam", model.parameters(), 0.001, capturable=graph,
+                                          fused=fused)
         probes = GradientProbes(model, LAYERS, 100, device) if probes_on else None
         step = engine.Step(model, optimizer, probes, autocast, device, graph=graph,
                            channels_last=channels_last)
@@ -185,7 +187,10 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="tiny sizes; finishes on a 2-core CPU")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--steps", type=int, help="steps per timed window (default 100; quick: 2)")
+    p.add_argument("--repeats", type=int, help="timed windows per row (default 3; quick: 1)")
     args = p.parse_args(argv)
+    steps, repeats = args.steps, args.repeats
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     cuda = device.type == "cuda"
@@ -195,6 +200,7 @@ def main(argv=None) -> dict:
     args.ceiling_batch = 32 if args.quick else 256
     args.images = 256 if args.quick else 5000        # synthetic CIFAR-shaped training images
     args.steps, args.warmup, args.repeats = (2, 1, 1) if args.quick else (100, 20, 3)
+    args.steps, args.repeats = steps or args.steps, repeats or args.repeats
     args.workers = 0 if args.quick else min(8, os.cpu_count() or 1)
 
     rows: list[dict] = []
@@ -218,15 +224,24 @@ def main(argv=None) -> dict:
     for precision in ("default", "bf16"):
         cfg = base_config(args, device, data_path="device", precision=precision)
         label = "TF32" if precision == "default" and cuda else precision
-        for on in (True, False):
-            s, mode = project_loop(args, device, cfg, probes_on=on, logging_on=on, graph=cuda,
-                                   channels_last=cuda)
-            add(f"fast {label}, probes + MLflow {'on' if on else 'off'}", s, args.batch_size, mode,
-                pair=f"fast {label}")
+        # The overhead split in two: the probes' device work (probes on, MLflow off) and
+        # the host's logging on top of it.
+        for what, probes_on, logging_on in (("probes + MLflow on", True, True),
+                                             ("probes on, MLflow off", True, False),
+                                             ("probes + MLflow off", False, False)):
+            s, mode = project_loop(args, device, cfg, probes_on=probes_on, logging_on=logging_on,
+                                   graph=cuda, channels_last=cuda)
+            add(f"fast {label}, {what}", s, args.batch_size, mode, pair=f"fast {label}")
+        if precision == "default" and not (cuda and not args.quick):
+            # The optimizer is a large share of a small CPU step: keep this row there too.
+            s, mode = project_loop(args, device, cfg, probes_on=True, logging_on=True,
+                                   graph=cuda, channels_last=cuda, fused=False)
+            add(f"fast {label}, foreach Adam, not fused", s, args.batch_size, mode)
         if cuda and not args.quick:
             # What each piece buys, probes and logging on.
             for what, kw in (("no channels_last", dict(channels_last=False)),
                              ("cudnn.benchmark on", dict(benchmark=True)),
+                             ("foreach Adam, not fused", dict(fused=False)),
                              ("no CUDA graph", dict(graph=False))):
                 s, mode = project_loop(args, device, cfg, **{
                     "probes_on": True, "logging_on": True, "graph": True,
@@ -242,9 +257,10 @@ def main(argv=None) -> dict:
     base = rows[0]["images_per_second"]
     for row in rows:
         row["vs_notebook"] = row["images_per_second"] / base
-    for row in rows:  # overhead of probes + logging: on vs. off of the same loop
-        if row["pair"] and row["name"].endswith("on"):
-            off = next(r for r in rows if r["pair"] == row["pair"] and r["name"].endswith("off"))
+    for row in rows:  # overhead against the same loop with probes and logging both off
+        off = next((r for r in rows if row["pair"] and r["pair"] == row["pair"]
+                    and r["name"].endswith("probes + MLflow off")), None)
+        if off is not None and off is not row:
             row["overhead_pct"] = (row["ms_per_step"] / off["ms_per_step"] - 1) * 100
 
     result = {
@@ -263,7 +279,7 @@ def main(argv=None) -> dict:
 def table(result: dict) -> str:
     lines = [f"{result['device']}, torch {result['torch']}, {result['image_size']} px, batch "
              f"{result['batch_size']}{' (quick: sizes too small to mean anything)' if result['quick'] else ''}",
-             "", "| loop | ms/step | img/s | x notebook | probes+logging overhead |",
+             "", "| loop | ms/step | img/s | x notebook | overhead vs. probes + MLflow off |",
              "|---|---:|---:|---:|---:|"]
     for r in result["rows"]:
         overhead = f"{r['overhead_pct']:+.1f}%" if "overhead_pct" in r else ""

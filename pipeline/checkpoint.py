@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .engine import IMPLEMENTATION_OPTIONS
+
 FILENAME = "last.pt"
 
 
@@ -64,7 +66,14 @@ def load(path: Path, model, optimizer, device: torch.device) -> tuple[Position, 
     # file, written by save() above, found by run ID in the user's checkpoint folder.
     state = torch.load(path, map_location=device, weights_only=False)
     model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    # load_state_dict takes every group option from the file, the implementation ones too: a
+    # run checkpointed on the CPU (capturable=False) would resume on a GPU with an Adam that
+    # cannot be captured, and silently run eagerly. Keep the resuming optimizer's; the step
+    # counts are then placed as it needs them (on the device when capturable or fused).
+    saved = state["optimizer"]
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+        saved_group.update({k: group[k] for k in IMPLEMENTATION_OPTIONS if k in group})
+    optimizer.load_state_dict(saved)
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])

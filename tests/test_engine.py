@@ -153,7 +153,7 @@ def test_eager_step_trains_exactly_like_a_hand_written_loop():
                        probes, contextlib.nullcontext, CPU, graph=False)
     assert engine.run_steps(step, batches, CPU, probes) == (4, 20)
 
-    opt = torch.optim.Adam(theirs.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(theirs.parameters(), lr=1e-3, fused=True)
     losses, correct = [], 0
     for x, y in batches:
         opt.zero_grad()
@@ -168,6 +168,59 @@ def test_eager_step_trains_exactly_like_a_hand_written_loop():
     assert probes.drain().values()[:, -1].tolist() == pytest.approx(losses, rel=0, abs=0)
     assert step.correct.item() == correct
     probes.remove()
+
+
+def adam_weights_after(steps: int, fused: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(weights before, weights after ``steps`` Adam steps) of a seeded resnet18."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", skip=True)
+    before = [p.detach().numpy().copy() for p in model.parameters()]
+    optimizer = engine.make_optimizer("adam", model.parameters(), 1e-3, False, fused=fused)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x, y = torch.rand(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return before, [p.detach().numpy().copy() for p in model.parameters()]
+
+
+def test_fused_adams_first_step_agrees_with_the_for_loop_adams_to_rounding():
+    # Same update formula, other rounding. Two sources, each bounded:
+    # * w - update rounds at w's scale: one float32 ulp of the larger of w before and after;
+    # * the update (~lr = 1e-3) itself: the fused kernel computes the bias correction
+    #   1 - beta2**t in float32, where 1 - 0.999 carries a 1.3e-5 relative error (so does the
+    #   capturable Adam a CUDA graph needs); sqrt halves it, so 1e-5 * lr bounds it.
+    before, fused = adam_weights_after(1, fused=True)
+    _, loop = adam_weights_after(1, fused=False)
+    moved = 0
+    for w, a, b in zip(before, fused, loop):
+        scale = np.maximum(np.abs(w), np.maximum(np.abs(a), np.abs(b)))
+        assert (np.abs(a - b) <= np.spacing(scale) + 1e-5 * 1e-3).all()
+        moved += int((a != b).sum())
+    assert moved > 0  # they do differ somewhere: the bound is not vacuous
+
+
+def test_a_resumed_optimizer_keeps_its_own_implementation_options_not_the_checkpoints(tmp_path):
+    # A checkpoint from the for-loop Adam (capturable=False, fused=None), resumed into the
+    # fused one: the file gives the state, the resuming optimizer keeps its implementation.
+    from pipeline import checkpoint
+
+    torch.manual_seed(0)
+    model = Small()
+    old = engine.make_optimizer("adam", model.parameters(), 1e-3, False, fused=False)
+    model(torch.rand(2, 3, 8, 8)).sum().backward()
+    old.step()
+    path = checkpoint.save(tmp_path / "last.pt", model, old,
+                           checkpoint.Position(1, 0, 1, torch.zeros(2)), {})
+    new = engine.make_optimizer("adam", model.parameters(), 1e-3, False)
+    checkpoint.load(path, model, new, CPU)
+    assert [g["fused"] for g in new.param_groups] == [True]
+    state = new.state[next(model.parameters())]
+    assert float(state["step"]) == 1.0 and torch.equal(
+        state["exp_avg"], old.state[next(model.parameters())]["exp_avg"])
+    new.step()  # the fused kernel accepts the restored state
+    assert float(new.state[next(model.parameters())]["step"]) == 2.0
 
 
 def test_a_graph_asked_for_on_the_cpu_runs_eagerly_and_says_why():
@@ -201,7 +254,7 @@ def deterministic_cudnn():
 
 def engine_run(*, graph: bool, capturable: bool, steps: int = 50, precision: str = "default",
                channels_last: bool = True, deterministic: bool = True, data_path: str = "device",
-               image_size: int = 64, images: int = 16 * 7 + 5):
+               image_size: int = 64, images: int = 16 * 7 + 5, fused: bool = True):
     """``steps`` training steps as train.run drives them; returns (rows, weights, step)."""
     device = torch.device("cuda")
     data = data_mod.build(cfg_for(image_size=image_size, batch_size=16, synthetic_size=images,
@@ -213,7 +266,7 @@ def engine_run(*, graph: bool, capturable: bool, steps: int = 50, precision: str
     chunks = []
     with precision_mode(precision, device) as autocast, \
             (deterministic_cudnn() if deterministic else contextlib.nullcontext()):
-        optimizer = engine.make_optimizer("adam", model.parameters(), 1e-3, capturable)
+        optimizer = engine.make_optimizer("adam", model.parameters(), 1e-3, capturable, fused)
         probes = GradientProbes(model, DEFAULT_LAYERS, steps, device)
         step = engine.Step(model, optimizer, probes, autocast, device, graph=graph,
                            channels_last=channels_last)
@@ -252,8 +305,8 @@ def test_cuda_graph_step_equals_the_eager_step_exactly_over_50_steps(precision):
 @needs_cuda
 def test_fast_default_path_stays_close_to_the_notebooks_eager_loop_over_50_steps():
     """Everything the fast path changes at once, with PyTorch's default (TF32) numerics and
-    cuDNN's default (non-deterministic) algorithms: device data, graph, capturable Adam,
-    channels_last.
+    cuDNN's default (non-deterministic) algorithms: device data, graph, capturable fused Adam
+    (the notebook's is the for-loop/foreach one), channels_last.
 
     Exact equality is impossible here (the graph itself adds nothing: the test above shows
     it is exact). channels_last picks other cuDNN algorithms, and TF32 rounds each product
@@ -266,7 +319,7 @@ def test_fast_default_path_stays_close_to_the_notebooks_eager_loop_over_50_steps
     """
     fast, _, _ = engine_run(graph=True, capturable=True, deterministic=False)
     ref, _, _ = engine_run(graph=False, capturable=False, channels_last=False,
-                           deterministic=False, data_path="dataloader")
+                           deterministic=False, data_path="dataloader", fused=False)
     diff = {"norms": relative_difference(fast[:, :-1], ref[:, :-1]),
             "losses": relative_difference(fast[:, -1], ref[:, -1]),
             "step0_norms": relative_difference(fast[0, :-1], ref[0, :-1])}

@@ -94,14 +94,14 @@ def train_by_hand(cfg: Config) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The untrained and the trained network of ``cfg``'s recipe, trained here, without
     ``pipeline.train`` and without MLflow: the independent reference for the logged model.
 
-    The recipe: seed, build, Adam on cross-entropy over the seeded data order, ``max_steps``
+    The recipe: seed, build, (fused) Adam on cross-entropy over the seeded data order, ``max_steps``
     batches. (The run's gradient probes only read gradients, so they change no weight.)
     """
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, skip=cfg.skip)
     untrained = copy.deepcopy(model)
     data = data_mod.build(cfg, torch.device("cpu"))
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)  # as engine's
     model.train()
     for step, (x, y) in enumerate(data.train):
         if step == cfg.max_steps:
