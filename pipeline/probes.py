@@ -5,7 +5,7 @@ loss with respect to the module's output. Two things differ, both on purpose:
 
 * Accuracy. Early-layer gradients of the no-skip network are ~1e-21; their squares (~1e-42)
   are below float32's smallest subnormal, so a float32 norm reads 0.0 or is off by a factor
-  of several (shared/reference/measurements.md). We reduce in float64: ``vector_norm(g,
+  of several (shared/reference/measurements.md). We reduce in float64: ``_foreach_norm(gs,
   dtype=float64)`` casts inside the reduction, so entries down to ~1e-150 are exact enough.
 * No host sync. The notebook's hook calls ``.item()``, a CPU-GPU sync per layer per step.
   Here each hook only keeps a reference to its gradient; at the step's named moment
@@ -17,9 +17,9 @@ loss with respect to the module's output. Two things differ, both on purpose:
   host copies the buffer out every ``flush_every`` steps with one non-blocking copy into
   pinned memory, and a background thread waits for it (``Chunk.values``), never the
   training loop.
-* Few kernels. Inside a CUDA graph at batch 16 the step costs about its number of kernels
-  (measurements.md: the GPU is launch-bound there), so the probes' cost is their kernel
-  count. A norm per hook took 4 ops per layer (norm, square, add, write-back: 24 for the
+* Few kernels. At batch 16 a step is ~300 small kernels (measurements.md: the step is
+  bound by launches, not arithmetic), and inside a CUDA graph each still costs a few
+  microseconds whatever its size, so the probes' cost is mostly their kernel count. A norm per hook took 4 ops per layer (norm, square, add, write-back: 24 for the
   five default layers with the loss's row, 3.4% of a 699-op step, about the +3.3% the GPU
   benchmark measured); the grouped reduction takes 8 whatever the number of layers up to
   ``GROUP`` (counted with a dispatch mode: ``tests/test_probes.py``). A kept gradient costs
