@@ -468,7 +468,8 @@ def compare(experiment: str | None = None, run_ids: list[str] | None = None,
         per_epoch_steps = int(runs["noskip"].data.tags.get(names.STEPS_PER_EPOCH_TAG, 0)) or None
         for part in parts:
             _log_part(tracker, part, runs, chosen, panels, model, per_epoch_steps)
-        tracker.set_note("\n".join(part.text for part in parts))
+        tracker.set_note("\n".join(part.text for part in parts),
+                         tuple(part.quantity.summary_md for part in parts))
     return tracker.run_id
 
 

@@ -103,7 +103,7 @@ def run_sweep(cfg: Config, opts: SweepConfig) -> str:
         parent.log_text(text, names.SWEEP_SUMMARY_MD)
         parent.log_text(table.to_csv(index=False), names.SWEEP_SUMMARY_CSV)
         parent.log_dict({"cells": _records(table), "skipped": skipped}, names.SWEEP_SUMMARY_JSON)
-        parent.set_note(text)
+        parent.set_note(text, (names.SWEEP_SUMMARY_MD,))
     return parent.run_id
 
 

@@ -46,6 +46,7 @@ from .config import UserError
 
 MAX_METRICS_PER_CALL = 1000  # MLflow's log_batch limit
 MAX_PARAMS_PER_CALL = 100
+NOTE_LIMIT = 8000           # MLflow keeps this many characters of a tag (mlflow.utils.validation)
 
 
 def fail_pending_run(reason: str) -> None:
@@ -841,7 +842,7 @@ class Silent:
         self._keys = []
 
     def set_tags(self, tags): pass
-    def set_note(self, text): pass
+    def set_note(self, text, full_text_at=()): pass
     def stream(self, keys, on_values=None, history=None): pass
     def submit(self, chunk): pass
     def log_epoch(self, epoch, metrics, timestamp_ms): pass
@@ -1072,7 +1073,17 @@ class Tracker:
             shutil.rmtree(local.parent, ignore_errors=True)
         return None
 
-    def set_note(self, text: str) -> None:
+    def set_note(self, text: str, full_text_at: tuple[str, ...] = ()) -> None:
+        """The run's description. MLflow keeps 8,000 characters of a tag and warns on the
+        console when it cuts one; a longer text (a compare of ``layers=all`` runs) is cut
+        here instead, at a line's end, with a line saying so and where the whole is."""
+        if len(text) > NOTE_LIMIT:
+            tail = ("\n\n*(cut to MLflow's limit of 8,000 characters"
+                    + ("; the whole text is in " + " and ".join(f"`{a}`" for a in full_text_at)
+                       if full_text_at else "")
+                    + ")*\n")
+            head = text[:NOTE_LIMIT - len(tail)]
+            text = head[:head.rfind("\n") + 1 or len(head)].rstrip() + tail
         self.set_tags({names.NOTE_TAG: text})
 
     @contextlib.contextmanager
