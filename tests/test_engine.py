@@ -254,7 +254,8 @@ def deterministic_cudnn():
 
 def engine_run(*, graph: bool, capturable: bool, steps: int = 50, precision: str = "default",
                channels_last: bool = True, deterministic: bool = True, data_path: str = "device",
-               image_size: int = 64, images: int = 16 * 7 + 5, fused: bool = True):
+               image_size: int = 64, images: int = 16 * 7 + 5, fused: bool = True,
+               weights: bool = False):
     """``steps`` training steps as train.run drives them; returns (rows, weights, step)."""
     device = torch.device("cuda")
     data = data_mod.build(cfg_for(image_size=image_size, batch_size=16, synthetic_size=images,
@@ -267,7 +268,7 @@ def engine_run(*, graph: bool, capturable: bool, steps: int = 50, precision: str
     with precision_mode(precision, device) as autocast, \
             (deterministic_cudnn() if deterministic else contextlib.nullcontext()):
         optimizer = engine.make_optimizer("adam", model.parameters(), 1e-3, capturable, fused)
-        probes = GradientProbes(model, DEFAULT_LAYERS, steps, device)
+        probes = GradientProbes(model, DEFAULT_LAYERS, steps, device, weights=weights)
         step = engine.Step(model, optimizer, probes, autocast, device, graph=graph,
                            channels_last=channels_last)
         done = 0
@@ -300,6 +301,19 @@ def test_cuda_graph_step_equals_the_eager_step_exactly_over_50_steps(precision):
     assert np.array_equal(graph_rows, eager_rows)
     for k in eager_w:
         assert torch.equal(graph_w[k], eager_w[k]), k
+
+
+@needs_cuda
+def test_weight_gradient_probes_in_the_cuda_graph_equal_the_eager_steps_exactly():
+    # probe=both: the output and weight gradients share one grouped reduction, captured.
+    graph_rows, _, graph_step = engine_run(graph=True, capturable=True, steps=20, weights=True)
+    eager_rows, _, _ = engine_run(graph=False, capturable=True, steps=20, weights=True)
+    assert graph_step.status.mode == "graph", graph_step.status.reason
+    assert graph_rows.shape == (20, 2 * len(DEFAULT_LAYERS) + 1)
+    assert (graph_rows[:, len(DEFAULT_LAYERS) + 1:] > 0).all()  # weight norms were recorded
+    report("graph_vs_eager_weight_probes",
+           {"max_relative_difference": relative_difference(graph_rows, eager_rows)})
+    assert np.array_equal(graph_rows, eager_rows)
 
 
 @needs_cuda
