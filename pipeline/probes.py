@@ -19,12 +19,14 @@ loss with respect to the module's output. Two things differ, both on purpose:
   training loop.
 * Few kernels. At batch 16 a step is ~300 small kernels (measurements.md: the step is
   bound by launches, not arithmetic), and inside a CUDA graph each still costs a few
-  microseconds whatever its size, so the probes' cost is mostly their kernel count. A norm per hook took 4 ops per layer (norm, square, add, write-back: 24 for the
-  five default layers with the loss's row, 3.4% of a 699-op step, about the +3.3% the GPU
-  benchmark measured); the grouped reduction takes 8 whatever the number of layers up to
-  ``GROUP`` (counted with a dispatch mode: ``tests/test_probes.py``). A kept gradient costs
-  memory until the group is reduced, so at most ``GROUP`` are kept; with ``layers=all`` a
-  group is reduced as soon as it fills, during backward.
+  microseconds whatever its size, so the probes' cost is mostly their kernel count. A norm
+  per hook took 4 ops per layer (norm, square, add, write-back) and 4 more for the row: 24
+  for the five default layers, beside ~207 ops of forward and backward. The grouped
+  reduction takes 8 whatever the number of layers up to ``GROUP`` (counted with a dispatch
+  mode: ``tests/test_probes.py``); under bf16, float32 weight gradients beside bf16 output
+  gradients need a second grouped call. A kept gradient costs memory until the group is
+  reduced, so at most ``GROUP`` are kept; with ``layers=all`` a group is reduced as soon as
+  it fills, during backward.
 
 Apple's MPS has no float64. There the probes fall back to float32 with scale-by-max
 (``max|g| * ||g / max|g|||``, whose squares cannot underflow), and combine a module's
@@ -37,7 +39,8 @@ host at readback.
 Weight gradients (``weights=True``, ``probe=weight|both``): at the same named moment, after
 backward (and after DDP has averaged them) and before the optimizer step, the probed
 modules' own parameters' gradients (weight and bias) join the same grouped float64
-reduction, which gives each module's weight-gradient norm; no extra kernels, no host sync.
+reduction, which gives each module's weight-gradient norm; no extra kernels (but for one
+more grouped call under bf16, whose output gradients are bf16), no host sync.
 
 Columns of a row: the output-gradient norms (one per layer, when ``outputs``), the loss,
 then the weight-gradient norms (one per layer, when ``weights``).
@@ -176,10 +179,11 @@ class GradientProbes:
                         for p in modules[n].parameters(recurse=False)]
         # (gradient, column) pairs waiting for the grouped reduction (float64 path only).
         self._kept: list[tuple[torch.Tensor, int]] = []
-        # Column-index tensors by layout, made on the device once: a layout first seen inside
-        # a CUDA capture would need a host-to-device copy there, which capture forbids, but
-        # the warm-up steps run the same body first and fill this (engine.Step._capture).
-        self._cols: dict[tuple[int, ...], torch.Tensor] = {}
+        # Column-index tensors by layout (``_rounds``), made on the device once: a layout
+        # first seen inside a CUDA capture would need a host-to-device copy there, which
+        # capture forbids, but the warm-up steps run the same body first and fill this
+        # (engine.Step._capture).
+        self._cols: dict[tuple[int, ...], list] = {}
 
     def _on_forward(self, col: int):
         def hook(module, inputs, output):
@@ -206,8 +210,8 @@ class GradientProbes:
 
     def _reduce_kept(self) -> None:
         """Add the kept gradients' squared norms into ``cur``: one grouped float64 reduction
-        (so 1e-30 gradients keep their digits), one ``index_add_`` that also sums a module's
-        several calls; then let the gradients go."""
+        (so 1e-30 gradients keep their digits), then ``index_add_`` by column (``_rounds``),
+        which also sums a module's several calls; then let the gradients go."""
         if not self._kept:
             return
         # One call per input dtype: CUDA's fused multi-tensor kernel takes one dtype per list
@@ -222,12 +226,40 @@ class GradientProbes:
             norms += torch._foreach_norm([g for g, _ in pairs], 2, dtype=torch.float64)
             layout += [c for _, c in pairs]
         key = tuple(layout)
-        cols = self._cols.get(key)
-        if cols is None:
+        plan = self._cols.get(key)
+        if plan is None:
             if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("the probes' gradient layout changed during CUDA graph capture")
-            cols = self._cols[key] = torch.tensor(key, dtype=torch.int64, device=self.device)
-        self.cur.index_add_(0, cols, torch.stack(norms).square())
+            plan = self._cols[key] = self._rounds(key)
+        order, rounds = plan
+        squares = torch.stack([norms[i] for i in order]).square()
+        for start, end, cols in rounds:
+            self.cur.index_add_(0, cols, squares[start:end])
+
+    def _rounds(self, layout: tuple[int, ...]) -> tuple[list[int], list[tuple]]:
+        """``(order, [(start, end, columns), ...])``: the norms in the order to stack them,
+        and the ``index_add_`` rounds over slices of that stack, each into distinct columns.
+
+        On CUDA ``index_add_`` adds with atomics, so several additions into one column could
+        land in any order and change its last bit from run to run (and graph against eager).
+        One addition per column per round fixes the order. A column repeats for a module
+        called several times per forward (a shared ReLU) and, with ``weights``, for a layer
+        with a bias: usually one or two rounds. Stacking round by round makes each round a
+        slice (a view) of the stack, so a round costs one kernel."""
+        seen: dict[int, int] = {}
+        by_round: list[list[tuple[int, int]]] = []
+        for position, col in enumerate(layout):
+            r = seen[col] = seen.get(col, -1) + 1
+            if r == len(by_round):
+                by_round.append([])
+            by_round[r].append((position, col))
+        order, rounds = [], []
+        for pairs in by_round:
+            rounds.append((len(order), len(order) + len(pairs),
+                           torch.tensor([c for _, c in pairs], dtype=torch.int64,
+                                        device=self.device)))
+            order += [position for position, _ in pairs]
+        return order, rounds
 
     def record(self, loss: torch.Tensor) -> None:
         """The step's one named moment, on the device: after backward the kept gradients
