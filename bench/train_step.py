@@ -12,7 +12,8 @@ In one process, on the current device (CUDA if visible), it times in turn:
   fast, probes  the same loop with probes on and MLflow logging off (the overhead's split)
   fast, off     the same loop with probes and logging both off
   ... the same three for bf16, variants without channels_last / without the graph / with
-  cudnn.benchmark / with the foreach Adam instead of the fused one,
+  cudnn.benchmark / with PyTorch's default Adam (foreach on CUDA, for-loop on a CPU)
+  instead of the fused one,
   and ceilings: batch 256, no probes, eager, per precision.
 
 Each row is the median of ``--repeats`` timed windows of ``--steps`` steps after warm-up
@@ -236,12 +237,12 @@ def main(argv=None) -> dict:
             # The optimizer is a large share of a small CPU step: keep this row there too.
             s, mode = project_loop(args, device, cfg, probes_on=True, logging_on=True,
                                    graph=cuda, channels_last=cuda, fused=False)
-            add(f"fast {label}, foreach Adam, not fused", s, args.batch_size, mode)
+            add(f"fast {label}, default Adam, not fused", s, args.batch_size, mode)
         if cuda and not args.quick:
             # What each piece buys, probes and logging on.
             for what, kw in (("no channels_last", dict(channels_last=False)),
                              ("cudnn.benchmark on", dict(benchmark=True)),
-                             ("foreach Adam, not fused", dict(fused=False)),
+                             ("default Adam, not fused", dict(fused=False)),
                              ("no CUDA graph", dict(graph=False))):
                 s, mode = project_loop(args, device, cfg, **{
                     "probes_on": True, "logging_on": True, "graph": True,

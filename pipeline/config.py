@@ -94,8 +94,8 @@ class Config:
                                                   "(resnet50: " + ",".join(DEFAULT_LAYERS) + "), "
                                                   "or all = every Conv2d and Linear in forward "
                                                   "order", kind="names")
-    # Weight-gradient norms cost one grouped foreach norm per step (a few kernels for every
-    # layer), after backward and before the optimizer step.
+    # Weight-gradient norms join the output gradients' grouped float64 reduction (probes.py),
+    # after backward and before the optimizer step: no extra kernels for any number of layers.
     probe: str = _param("output", "what is measured at each probed layer: output (the norm of "
                                   "dLoss/d(layer output), the notebook's), weight (of dLoss/"
                                   "d(the layer's weight and bias): weight_grad_norm/<layer>) or "

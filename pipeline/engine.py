@@ -41,8 +41,8 @@ def make_optimizer(name: str, params, lr: float, capturable: bool,
     rounding differs: it computes the bias correction 1 - beta2**t in float32 (as capturable
     Adam does), so after one step the weights agree to within an ulp plus 1e-5 of the update
     (tests/test_engine.py); over later steps the no-BN network amplifies that as it amplifies
-    any rounding change. ``fused=False`` is the foreach/for-loop Adam, for the benchmark's
-    comparison.
+    any rounding change. ``fused=False`` is PyTorch's default Adam (foreach on CUDA, the
+    for-loop on a CPU), for the benchmark's comparison.
     """
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9)

@@ -720,7 +720,7 @@ def _log_artifacts(cfg, tracker, gradients, summary, data) -> None:
     acc = summary.get(names.TEST_ACCURACY, math.nan)
     tracker.set_note(describe(cfg, data.source) + "\n\n"
                      f"**Result** after {summary['steps']} batches: test accuracy {acc:.3f}.\n\n"
-                     + result_table(gradients))
+                     + result_table(gradients), (names.GRADIENTS_JSON, names.NORMS_NPZ))
 
 
 def _log_gradient_flow(cfg, tracker, dense, data) -> None:
