@@ -233,21 +233,22 @@ def main(argv=None) -> dict:
             s, mode = project_loop(args, device, cfg, probes_on=probes_on, logging_on=logging_on,
                                    graph=cuda, channels_last=cuda)
             add(f"fast {label}, {what}", s, args.batch_size, mode, pair=f"fast {label}")
-        if precision == "default" and not (cuda and not args.quick):
-            # The optimizer is a large share of a small CPU step: keep this row there too.
-            s, mode = project_loop(args, device, cfg, probes_on=True, logging_on=True,
-                                   graph=cuda, channels_last=cuda, fused=False)
-            add(f"fast {label}, default Adam, not fused", s, args.batch_size, mode)
+        # What each piece buys, probes and logging on. The full list needs a GPU; the
+        # optimizer's row runs everywhere (default precision): Adam is a large share of a
+        # small CPU step.
+        pieces = [("default Adam, not fused", dict(fused=False))]
         if cuda and not args.quick:
-            # What each piece buys, probes and logging on.
-            for what, kw in (("no channels_last", dict(channels_last=False)),
-                             ("cudnn.benchmark on", dict(benchmark=True)),
-                             ("default Adam, not fused", dict(fused=False)),
-                             ("no CUDA graph", dict(graph=False))):
-                s, mode = project_loop(args, device, cfg, **{
-                    "probes_on": True, "logging_on": True, "graph": True,
-                    "channels_last": True, **kw})
-                add(f"fast {label}, {what}", s, args.batch_size, mode)
+            pieces = [("no channels_last", dict(channels_last=False)),
+                      ("cudnn.benchmark on", dict(benchmark=True)),
+                      *pieces,
+                      ("no CUDA graph", dict(graph=False))]
+        elif precision != "default":
+            pieces = []
+        for what, kw in pieces:
+            s, mode = project_loop(args, device, cfg, **{
+                "probes_on": True, "logging_on": True, "graph": cuda, "channels_last": cuda,
+                **kw})
+            add(f"fast {label}, {what}", s, args.batch_size, mode)
 
     # Quick (CPU) keeps one ceiling: bf16 on a CPU is emulated and slow.
     for precision in ("default",) + (("bf16", "fp32") if cuda and not args.quick else ()):

@@ -179,11 +179,11 @@ class GradientProbes:
                         for p in modules[n].parameters(recurse=False)]
         # (gradient, column) pairs waiting for the grouped reduction (float64 path only).
         self._kept: list[tuple[torch.Tensor, int]] = []
-        # Column-index tensors by layout (``_rounds``), made on the device once: a layout
-        # first seen inside a CUDA capture would need a host-to-device copy there, which
-        # capture forbids, but the warm-up steps run the same body first and fill this
-        # (engine.Step._capture).
-        self._cols: dict[tuple[int, ...], list] = {}
+        # Addition plans by layout (``_rounds``), their column indices made on the device
+        # once: a layout first seen inside a CUDA capture would need a host-to-device copy
+        # there, which capture forbids, but the warm-up steps run the same body first and
+        # fill this (engine.Step._capture).
+        self._plans: dict[tuple[int, ...], tuple] = {}
 
     def _on_forward(self, col: int):
         def hook(module, inputs, output):
@@ -226,11 +226,11 @@ class GradientProbes:
             norms += torch._foreach_norm([g for g, _ in pairs], 2, dtype=torch.float64)
             layout += [c for _, c in pairs]
         key = tuple(layout)
-        plan = self._cols.get(key)
+        plan = self._plans.get(key)
         if plan is None:
             if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("the probes' gradient layout changed during CUDA graph capture")
-            plan = self._cols[key] = self._rounds(key)
+            plan = self._plans[key] = self._rounds(key)
         order, rounds = plan
         squares = torch.stack([norms[i] for i in order]).square()
         for start, end, cols in rounds:

@@ -40,13 +40,14 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from . import names
 from .config import UserError
 
 MAX_METRICS_PER_CALL = 1000  # MLflow's log_batch limit
 MAX_PARAMS_PER_CALL = 100
-NOTE_LIMIT = 8000           # MLflow keeps this many characters of a tag (mlflow.utils.validation)
+NOTE_LIMIT = MAX_TAG_VAL_LENGTH  # MLflow keeps this many characters of a tag (8,000)
 
 
 def fail_pending_run(reason: str) -> None:
@@ -1074,11 +1075,11 @@ class Tracker:
         return None
 
     def set_note(self, text: str, full_text_at: tuple[str, ...] = ()) -> None:
-        """The run's description. MLflow keeps 8,000 characters of a tag and warns on the
+        """The run's description. MLflow keeps NOTE_LIMIT characters of a tag and warns on the
         console when it cuts one; a longer text (a compare of ``layers=all`` runs) is cut
         here instead, at a line's end, with a line saying so and where the whole is."""
         if len(text) > NOTE_LIMIT:
-            tail = ("\n\n*(cut to MLflow's limit of 8,000 characters"
+            tail = (f"\n\n*(cut to MLflow's limit of {NOTE_LIMIT:,} characters"
                     + ("; the whole text is in " + " and ".join(f"`{a}`" for a in full_text_at)
                        if full_text_at else "")
                     + ")*\n")
