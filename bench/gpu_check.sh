@@ -5,7 +5,8 @@
 #   3. the founding experiment on real images: `all` (both variants + compare) on the
 #      CIFAR-10 JPEG copy at 224 px, timed wall-clock including data preparation.
 #
-# Usage: bench/gpu_check.sh [STEPS...]   STEPS: tests bench experiment (default: all three)
+# Usage: bench/gpu_check.sh [STEPS...]   STEPS: tests bench experiment (default: all three),
+#        run in the order given (on a short lease, the one that matters most first)
 # Env:   OUT (results folder, default ./gpu-results), EPOCHS (experiment, default 10),
 #        PRECISION (experiment, default "default"), CIFAR_TGZ (the JPEG archive; default
 #        .data/cifar10-jpg.tar.gz, a copy of ../shared/data/cifar10-jpg.tar.gz), BENCH_ARGS
@@ -32,22 +33,23 @@ fi
 tail -12 "$OUT/machine.txt"
 status=0
 
-if [[ " $STEPS " == *" tests "* ]]; then
+tests() {
     echo "== GPU tests"
     mkdir -p "$OUT/diffs"
-    GPU_REPORT_DIR="$OUT/diffs" python3 -m pytest -q -p no:cacheprovider -rs tests/test_engine.py \
+    # -v: a log cut short by the lease still names every test that finished.
+    GPU_REPORT_DIR="$OUT/diffs" python3 -m pytest -v -p no:cacheprovider -rs tests/test_engine.py \
         > "$OUT/tests.log" 2>&1 || status=1
     tail -3 "$OUT/tests.log"
-fi
+}
 
-if [[ " $STEPS " == *" bench "* ]]; then
+bench() {
     echo "== benchmark"
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
     python3 bench/train_step.py --out "$OUT/bench.json" ${BENCH_ARGS:-} > "$OUT/bench.md" 2> "$OUT/bench.log" || status=1
     cat "$OUT/bench.md"
-fi
+}
 
-if [[ " $STEPS " == *" experiment "* ]]; then
+experiment() {
     echo "== experiment: $EPOCHS epochs per variant, precision $PRECISION"
     data=/tmp/cifar10-jpg
     start=$(date +%s.%N)
@@ -85,5 +87,12 @@ json.dump(result, open(out, "w"), indent=2)
 print(f"experiment: {end - start:.0f} s wall, including data preparation")
 EOF
     tail -5 "$OUT/experiment.log"
-fi
+}
+
+for step in $STEPS; do
+    case $step in
+        tests|bench|experiment) "$step" ;;
+        *) echo "gpu_check: unknown step '$step' (allowed: tests, bench, experiment)"; exit 2 ;;
+    esac
+done
 exit $status

@@ -190,6 +190,9 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--steps", type=int, help="steps per timed window (default 100; quick: 2)")
     p.add_argument("--repeats", type=int, help="timed windows per row (default 3; quick: 1)")
+    p.add_argument("--only", default="", help="comma-separated parts of row names: run only "
+                   "the rows whose name holds one (the notebook row always runs: it is every "
+                   "ratio's base), e.g. 'eager,probes,not fused' to fit a short device lease")
     args = p.parse_args(argv)
     steps, repeats = args.steps, args.repeats
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
@@ -205,6 +208,10 @@ def main(argv=None) -> dict:
     args.workers = 0 if args.quick else min(8, os.cpu_count() or 1)
 
     rows: list[dict] = []
+    only = [part.strip() for part in args.only.split(",") if part.strip()]
+
+    def wanted(name: str) -> bool:
+        return not only or any(part in name for part in only)
 
     def add(name, seconds, batch, mode="", pair=None):
         rows.append({"name": name, "ms_per_step": seconds * 1e3,
@@ -217,10 +224,11 @@ def main(argv=None) -> dict:
                                            transform=data_mod.notebook_transform(args.image_size))
     add("notebook as written", notebook_loop(args, device, notebook_set), args.batch_size)
 
-    ref = base_config(args, device, data_path="dataloader")
-    s, mode = project_loop(args, device, ref, probes_on=True, logging_on=True, graph=False,
-                           channels_last=False)
-    add("eager (dataloader, probes + MLflow on)", s, args.batch_size, mode)
+    if wanted(name := "eager (dataloader, probes + MLflow on)"):
+        ref = base_config(args, device, data_path="dataloader")
+        s, mode = project_loop(args, device, ref, probes_on=True, logging_on=True, graph=False,
+                               channels_last=False)
+        add(name, s, args.batch_size, mode)
 
     for precision in ("default", "bf16"):
         cfg = base_config(args, device, data_path="device", precision=precision)
@@ -230,9 +238,11 @@ def main(argv=None) -> dict:
         for what, probes_on, logging_on in (("probes + MLflow on", True, True),
                                              ("probes on, MLflow off", True, False),
                                              ("probes + MLflow off", False, False)):
+            if not wanted(name := f"fast {label}, {what}"):
+                continue
             s, mode = project_loop(args, device, cfg, probes_on=probes_on, logging_on=logging_on,
                                    graph=cuda, channels_last=cuda)
-            add(f"fast {label}, {what}", s, args.batch_size, mode, pair=f"fast {label}")
+            add(name, s, args.batch_size, mode, pair=f"fast {label}")
         # What each piece buys, probes and logging on. The full list needs a GPU; the
         # optimizer's row runs everywhere (default precision): Adam is a large share of a
         # small CPU step.
@@ -245,16 +255,18 @@ def main(argv=None) -> dict:
         elif precision != "default":
             pieces = []
         for what, kw in pieces:
+            if not wanted(name := f"fast {label}, {what}"):
+                continue
             s, mode = project_loop(args, device, cfg, **{
                 "probes_on": True, "logging_on": True, "graph": cuda, "channels_last": cuda,
                 **kw})
-            add(f"fast {label}, {what}", s, args.batch_size, mode)
+            add(name, s, args.batch_size, mode)
 
     # Quick (CPU) keeps one ceiling: bf16 on a CPU is emulated and slow.
     for precision in ("default",) + (("bf16", "fp32") if cuda and not args.quick else ()):
         label = {"default": "TF32" if cuda else "default"}.get(precision, precision)
-        add(f"ceiling {label}, batch {args.ceiling_batch}", ceiling(args, device, precision),
-            args.ceiling_batch)
+        if wanted(name := f"ceiling {label}, batch {args.ceiling_batch}"):
+            add(name, ceiling(args, device, precision), args.ceiling_batch)
 
     base = rows[0]["images_per_second"]
     for row in rows:
@@ -270,7 +282,7 @@ def main(argv=None) -> dict:
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "torch": torch.__version__, "quick": args.quick,
         "image_size": args.image_size, "batch_size": args.batch_size,
-        "steps": args.steps, "repeats": args.repeats, "rows": rows,
+        "steps": args.steps, "repeats": args.repeats, "only": only, "rows": rows,
     }
     print(table(result))
     if args.out:
