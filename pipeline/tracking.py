@@ -859,6 +859,26 @@ class Silent:
         yield self
 
 
+@contextlib.contextmanager
+def _predict_on_cpu():
+    """MLflow's pyfunc loader puts a model on CUDA whenever a GPU is visible, and a ``pt2``
+    program exported with CPU weights (``train._log_model``) refuses to load there. Saving
+    loads the model twice that way: to check the input example, and in a child process to
+    infer the pip requirements. On an H200 both failed (two WARNINGs, and requirements that
+    fell back to a guess). MLflow's own switch, ``MLFLOW_DEFAULT_PREDICTION_DEVICE``, keeps
+    both on the CPU, where the program's weights are, for the duration of the save."""
+    key = "MLFLOW_DEFAULT_PREDICTION_DEVICE"
+    saved = os.environ.get(key)
+    os.environ[key] = "cpu"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved
+
+
 class Tracker:
     """One MLflow run: params, tags, streamed metrics, artifacts, and its end status."""
 
@@ -1055,9 +1075,10 @@ class Tracker:
         error = None
         if not self._outbox.waiting:
             try:
-                return mlflow.pytorch.log_model(
-                    model, name=names.MODEL, input_example=example, signature=signature,
-                    serialization_format="pt2", registered_model_name=registered_name)
+                with _predict_on_cpu():
+                    return mlflow.pytorch.log_model(
+                        model, name=names.MODEL, input_example=example, signature=signature,
+                        serialization_format="pt2", registered_model_name=registered_name)
             except Exception as e:  # noqa: BLE001 - an outage: saved into the spool below
                 if not is_unreachable(e):
                     raise
@@ -1065,8 +1086,9 @@ class Tracker:
         # The server is unreachable: the same model, saved locally, waits in the spool and
         # becomes the run's logged model when it is delivered (``_apply_model``).
         local = self._stage_file(names.MODEL)
-        mlflow.pytorch.save_model(model, str(local), input_example=example, signature=signature,
-                                  serialization_format="pt2")
+        with _predict_on_cpu():
+            mlflow.pytorch.save_model(model, str(local), input_example=example,
+                                      signature=signature, serialization_format="pt2")
         try:
             self._outbox.keep({"op": "model", "dir": str(local), "name": names.MODEL,
                                "registered_name": registered_name}, error)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -387,7 +388,9 @@ def test_train_run_on_cuda_captures_the_step_and_tags_how(tracking_store):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
-def test_a_model_trained_channels_last_is_logged_and_loads_back_on_the_cpu(tracking_store, device):
+def test_a_model_trained_channels_last_is_logged_without_warnings_and_loads_back_on_the_cpu(
+        tracking_store, device, monkeypatch):
+    import mlflow.pyfunc
     import mlflow.pytorch
     from mlflow import MlflowClient
 
@@ -395,8 +398,27 @@ def test_a_model_trained_channels_last_is_logged_and_loads_back_on_the_cpu(track
 
     cfg = cfg_for(image_size=32, batch_size=4, synthetic_size=8, max_steps=2, epochs=1,
                   log_model="true", channels_last="true", device=device)
-    run_id = train.run(cfg)
+    # MLflow checks the input example and infers pip requirements by loading the model
+    # back, on CUDA where a GPU is visible; on an H200 both once failed with a WARNING (the
+    # CPU-exported program refuses CUDA) and the requirements fell back to a guess. Asking
+    # MLflow for CUDA predictions makes a CPU machine take that same path.
+    monkeypatch.setenv("MLFLOW_DEFAULT_PREDICTION_DEVICE", "cuda")
+    warned = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warned.append(record.getMessage())
+    logging.getLogger("mlflow").addHandler(handler)
+    try:
+        run_id = train.run(cfg)
+    finally:
+        logging.getLogger("mlflow").removeHandler(handler)
+    assert not [w for w in warned if "input example" in w or "pip requirements" in w], warned
+    assert os.environ["MLFLOW_DEFAULT_PREDICTION_DEVICE"] == "cuda"  # the user's, back
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
-    loaded = mlflow.pytorch.load_model(f"runs:/{run_id}/{names.MODEL}")
+    uri = f"runs:/{run_id}/{names.MODEL}"
+    loaded = mlflow.pytorch.load_model(uri)
     out = loaded(torch.rand(3, 3, 32, 32))
     assert out.shape == (3, 10) and out.device.type == "cpu"
+    # As a pyfunc (what `mlflow models serve` loads), on this machine's CPU; README says
+    # why a GPU machine must ask for it.
+    pyfunc = mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})
+    assert pyfunc.predict(np.random.rand(3, 3, 32, 32).astype(np.float32)).shape == (3, 10)
