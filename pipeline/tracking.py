@@ -863,9 +863,9 @@ class Silent:
 def _predict_on_cpu():
     """MLflow's pyfunc loader puts a model on CUDA whenever a GPU is visible, and a ``pt2``
     program exported with CPU weights (``train._log_model``) refuses to load there. Saving
-    loads the model twice that way: to check the input example, and in a child process to
-    infer the pip requirements. On an H200 both failed (two WARNINGs, and requirements that
-    fell back to a guess). MLflow's own switch, ``MLFLOW_DEFAULT_PREDICTION_DEVICE``, keeps
+    loads the model that way to check the input example (and, unless they are given, in a
+    child process to infer the pip requirements). On an H200 both failed (two WARNINGs, and
+    requirements that fell back to a guess). MLflow's own switch, ``MLFLOW_DEFAULT_PREDICTION_DEVICE``, keeps
     both on the CPU, where the program's weights are, for the duration of the save."""
     key = "MLFLOW_DEFAULT_PREDICTION_DEVICE"
     saved = os.environ.get(key)
@@ -1069,16 +1069,23 @@ class Tracker:
         an example of batch 1 would pin it to 1) and the model's ``output`` on it give the
         signature."""
         import mlflow.pytorch
+        import torch
         from mlflow.models import infer_signature
 
         signature = infer_signature(example, output)
+        # A pt2 program needs torch alone (MLflow adds itself). Named here rather than
+        # inferred: MLflow infers by loading the model in a child process, 3-6 s per run on
+        # the 2-core CPU, and lists whatever that process imported (tqdm, pandas, ...).
+        # The local part of the version (+cu130) is not on PyPI.
+        requirements = [f"torch=={torch.__version__.split('+')[0]}"]
         error = None
         if not self._outbox.waiting:
             try:
                 with _predict_on_cpu():
                     return mlflow.pytorch.log_model(
                         model, name=names.MODEL, input_example=example, signature=signature,
-                        serialization_format="pt2", registered_model_name=registered_name)
+                        serialization_format="pt2", registered_model_name=registered_name,
+                        pip_requirements=requirements)
             except Exception as e:  # noqa: BLE001 - an outage: saved into the spool below
                 if not is_unreachable(e):
                     raise
@@ -1088,7 +1095,8 @@ class Tracker:
         local = self._stage_file(names.MODEL)
         with _predict_on_cpu():
             mlflow.pytorch.save_model(model, str(local), input_example=example,
-                                      signature=signature, serialization_format="pt2")
+                                      signature=signature, serialization_format="pt2",
+                                      pip_requirements=requirements)
         try:
             self._outbox.keep({"op": "model", "dir": str(local), "name": names.MODEL,
                                "registered_name": registered_name}, error)

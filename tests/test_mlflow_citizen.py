@@ -179,6 +179,9 @@ def test_a_run_with_log_model_true_has_one_logged_model_in_pt2_with_a_signature(
     assert tuple(out_spec.shape) == (-1, data_mod.NUM_CLASSES)
     example = meta.load_input_example(str(local))
     assert example is not None and tuple(example.shape)[1:] == (3, cfg.image_size, cfg.image_size)
+    # What the program needs to run, and nothing a child process happened to import.
+    wanted = {f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"}
+    assert set((local / "requirements.txt").read_text().split()) == wanted
 
 
 def test_the_logged_model_loads_back_and_gives_the_trained_networks_outputs_on_fresh_batch_3(
