@@ -9,14 +9,16 @@ Two ways to batch them (``data_path``), with the same order and the same pixels:
   and the reference. On a GPU it starves the step: 17.6 ms of PIL per batch of 16 against a
   6.6 ms training step (shared/reference/measurements.md).
 * ``device``: the split is decoded once into a uint8 tensor on the training device and every
-  batch is one gather there. When the resized set fits in device memory (CIFAR-10 at 224 px:
-  7.5 GB + 1.5 GB) it is resized once up front by the notebook's own PIL transform, so the
-  pixels are identical; otherwise the native images (CIFAR: 150 MB) stay on the device and
-  each batch is resized there in float32, within 1/255 of PIL per pixel
-  (tests/test_engine.py checks both).
+  batch is one gather there. Images are resized on the device by ``pil_resize``, which does
+  PIL's own fixed-point bilinear arithmetic, so the pixels equal the notebook's bit for bit:
+  once up front when the resized set fits in device memory (CIFAR-10 at 224 px: 7.5 GB +
+  1.5 GB), else per batch from the native images (CIFAR: 150 MB). Only a split whose images
+  differ in size is resized by PIL itself, in loader workers (tests/test_engine.py checks
+  each case against the ``dataloader`` path).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -290,16 +292,84 @@ class DeviceBatches:
                 pick = index[start:stop]
                 x, y = self.images.index_select(0, pick), self.targets.index_select(0, pick)
             if self.resize_each_batch:
-                x = resize_on_device(x, self.image_size)
+                x = pil_resize(x, self.image_size)
             # ToTensor's own arithmetic (float, then divide by 255), for identical inputs.
             yield x.float().div_(255), y
 
 
-def resize_on_device(images: torch.Tensor, image_size: int) -> torch.Tensor:
-    """Bilinear, antialiased, rounded to uint8 like PIL: within 1 of PIL's value per pixel."""
-    out = torch.nn.functional.interpolate(images.float(), size=(image_size, image_size),
-                                          mode="bilinear", antialias=True, align_corners=False)
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+# PIL's bilinear resize (Pillow src/libImaging/Resample.c), which torchvision's Resize
+# runs on PIL images: per axis, weights in double, rounded to integers scaled by 2^22
+# (PRECISION_BITS = 32 - 8 - 2); each output is (2^21 + sum(pixel * k)) >> 22, clipped to
+# 0..255; horizontal pass first, its result stored as uint8, then vertical.
+_PRECISION_BITS = 22
+_SCRATCH_BYTES = 256 << 20  # float64 working memory per chunk of images
+
+
+@functools.lru_cache(maxsize=64)
+def _pil_coefficients(in_size: int, out_size: int) -> np.ndarray:
+    """Resample.c's integer weights as a dense (out_size, in_size) int64 matrix."""
+    # precompute_coeffs() with the bilinear filter (support 1), the same double operations
+    # in the same order, then normalize_coeffs_8bpc(). int() truncates like C's (int).
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 1.0 * filterscale
+    ss = 1.0 / filterscale
+    k = np.zeros((out_size, in_size), dtype=np.int64)
+    for xx in range(out_size):
+        center = (xx + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)
+        xmax = min(int(center + support + 0.5), in_size) - xmin
+        w = [max(0.0, 1.0 - abs((x + xmin - center + 0.5) * ss)) for x in range(xmax)]
+        ww = 0.0
+        for v in w:  # summed in order: the normalisation must round like C's
+            ww += v
+        if ww != 0.0:
+            w = [v / ww for v in w]
+        k[xx, xmin:xmin + xmax] = [int((0.5 if v >= 0 else -0.5) + v * (1 << _PRECISION_BITS))
+                                   for v in w]
+    return k
+
+
+@functools.lru_cache(maxsize=64)
+def _pil_weights(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
+    """(in_size, out_size) float64 on ``device``: k / 2^22. Cached, so a per-batch resize
+    copies nothing from the host (no sync)."""
+    k = torch.from_numpy(_pil_coefficients(in_size, out_size)).to(torch.float64)
+    return k.mul_(2.0 ** -_PRECISION_BITS).t().contiguous().to(device)
+
+
+def _pil_pass(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    # float64 is exact: the weights (k / 2^22, k >= 0) sum to ~1, so every partial sum is a
+    # multiple of 2^-22 below 2^9, 31 significant bits of float64's 53, in any summation
+    # order (a GPU's GEMM too). + 0.5 then floor is Resample.c's (2^21 + sum) >> 22.
+    return (x @ weights).add_(0.5).floor_().clamp_(0, 255)
+
+
+def pil_resize(images: torch.Tensor, size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> uint8 (N, C, size, size), bit for bit PIL's
+    ``Image.resize((size, size), BILINEAR)`` of each image, on the images' device.
+
+    Chunked so that the float64 scratch stays near 256 MB; ``out`` (uint8, on the same
+    device) receives the result when given.
+    """
+    n, c, h, w = images.shape
+    if out is None:
+        out = torch.empty((n, c, size, size), dtype=torch.uint8, device=images.device)
+    if (h, w) == (size, size):  # Image.resize returns a copy
+        return out.copy_(images)
+    scratch = 8 * c * (h * w + 2 * h * size + size * size)  # input, pass 1 (+ copy), pass 2
+    chunk = max(1, _SCRATCH_BYTES // scratch)
+    # ImagingResampleInner skips the pass of an axis whose size does not change.
+    wx = _pil_weights(w, size, images.device) if w != size else None
+    wy = _pil_weights(h, size, images.device) if h != size else None
+    for start in range(0, n, chunk):
+        x = images[start:start + chunk].to(torch.float64)
+        if wx is not None:
+            x = _pil_pass(x, wx)
+        if wy is not None:  # along H: the same product on the transposed images
+            x = _pil_pass(x.transpose(-1, -2), wy).transpose(-1, -2)
+        out[start:start + chunk].copy_(x)  # integral 0..255: the cast is exact
+    return out
 
 
 def _free_bytes(device: torch.device) -> int:
@@ -359,28 +429,42 @@ def _stack_if_uniform(batch):
 
 def to_device(dataset: Dataset, image_size: int, device: torch.device, workers: int,
               budget_bytes: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """The split as uint8 on ``device``: resized once, by PIL, when that fits in
-    ``budget_bytes``; else at its native size, to be resized per batch on the device."""
+    """The split as uint8 on ``device``, and how it was resized (a ``RESIZE_NOTES`` key):
+    decoded at its native size, then resized once on the device when the resized split fits
+    in ``budget_bytes``, else left native, to be resized per batch there."""
     n = len(dataset)
-    if n * 3 * image_size * image_size <= budget_bytes:
-        # The notebook's own PIL Resize, in loader workers: the same pixels, bit for bit.
-        # (torchvision's uint8 tensor kernel is faster but differs from PIL by a level or
-        # two on some sizes, e.g. 32 -> 36 or 112.)
-        out = torch.empty((n, 3, image_size, image_size), dtype=torch.uint8, device=device)
-        labels = torch.empty(n, dtype=torch.int64)
-        loader = DataLoader(_Resized(dataset, image_size), batch_size=512, num_workers=workers)
-        start = 0
-        for x, y in loader:
-            out[start:start + len(y)].copy_(x)
-            labels[start:start + len(y)] = y
-            start += len(y)
-        return out, labels.to(device), "host-once"
+    fits = n * 3 * image_size * image_size <= budget_bytes
+    # Workers only decode: the native images (CIFAR-10: 150 MB) cross their shared memory,
+    # not resized ones (7.5 GB at 224 px). On an H200's 16-core host the old way, PIL
+    # resizing in workers, was part of ~33 s per run before the first step.
     native = _decode(dataset, workers)
     if native is None:
+        if fits:
+            return _resize_in_workers(dataset, image_size, device, workers)
         raise DataError(f"data_path: the images differ in size, and resized to {image_size} px "
                         f"they do not fit on {device}; use -P data_path=dataloader")
     images, labels = native
-    return images.to(device), labels.to(device), "device-batch"
+    images, labels = images.to(device), labels.to(device)
+    if images.shape[-2:] == (image_size, image_size):
+        return images, labels, "native"
+    if not fits:
+        return images, labels, "device-batch"
+    return pil_resize(images, image_size), labels, "device-once"
+
+
+def _resize_in_workers(dataset: Dataset, image_size: int, device: torch.device,
+                       workers: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    # Images of mixed sizes: the notebook's own PIL Resize, in loader workers.
+    n = len(dataset)
+    out = torch.empty((n, 3, image_size, image_size), dtype=torch.uint8, device=device)
+    labels = torch.empty(n, dtype=torch.int64)
+    loader = DataLoader(_Resized(dataset, image_size), batch_size=512, num_workers=workers)
+    start = 0
+    for x, y in loader:
+        out[start:start + len(y)].copy_(x)
+        labels[start:start + len(y)] = y
+        start += len(y)
+    return out, labels.to(device), "host-once"
 
 
 class _Resized(_Native):
@@ -394,8 +478,14 @@ class _Resized(_Native):
 
 
 RESIZE_NOTES = {
-    "host-once": "resized once by PIL on the host, then kept on the device (bit-exact)",
-    "device-batch": "resized per batch on the device (float bilinear, within 1/255 of PIL)",
+    "native": "decoded once and kept on the device, already at the model's size, so not "
+              "resized (bit-exact)",
+    "device-once": "decoded once, resized once on the device with PIL's fixed-point bilinear "
+                   "arithmetic (bit-exact)",
+    "device-batch": "decoded once, kept at native size on the device, each batch resized there "
+                    "with PIL's fixed-point bilinear arithmetic (bit-exact)",
+    "host-once": "images of mixed sizes: resized once by PIL in loader workers, then kept on "
+                 "the device (bit-exact)",
 }
 
 

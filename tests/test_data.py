@@ -352,3 +352,50 @@ def test_notebook_transform_is_resize_then_to_tensor_without_normalisation():
     t = data_mod.notebook_transform(40)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     assert torch.equal(t(image), independent_transform(40)(image))
+
+
+# --- pil_resize: PIL's bilinear arithmetic in torch ops ------------------------------------------
+def pil_reference(images_hwc: np.ndarray, size: int) -> torch.Tensor:
+    # What transforms.Resize((size, size)) does to a PIL image, before ToTensor.
+    return torch.stack([transforms.functional.pil_to_tensor(
+        Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images_hwc])
+
+
+def chw(images_hwc: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images_hwc).permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.mark.parametrize("height, width, size", [
+    (32, 32, 224), (32, 32, 33), (32, 32, 36), (32, 32, 112), (32, 32, 64),  # up
+    (64, 64, 32), (37, 37, 32), (224, 224, 32), (33, 33, 32),                # down
+    (20, 24, 33), (24, 20, 16),                                                # not square
+    (32, 20, 32), (20, 32, 32),                                                # one axis kept
+    (32, 32, 32), (1, 1, 5), (1, 7, 3), (5, 5, 1), (2, 2, 1)])                # edges
+def test_pil_resize_equals_pils_bilinear_resize_bit_for_bit(height, width, size):
+    rng = np.random.default_rng(height * 1000 + width * 10 + size)
+    images = rng.integers(0, 256, (3, height, width, 3), dtype=np.uint8)
+    got = data_mod.pil_resize(chw(images), size)
+    assert got.dtype == torch.uint8 and got.shape == (3, 3, size, size)
+    assert torch.equal(got, pil_reference(images, size))
+
+
+def test_pil_resize_equals_pil_on_structured_and_saturated_images():
+    # Smooth CIFAR-like images, and the extremes where clipping and rounding matter most:
+    # black, white, a one-pixel 0/255 checkerboard and a ramp through every level.
+    smooth = SyntheticCIFAR(8, seed=0).data
+    checker = ((np.indices((32, 32)).sum(0) % 2) * 255).astype(np.uint8)
+    ramp = np.arange(32 * 32, dtype=np.int64).reshape(32, 32) % 256
+    extremes = np.stack([np.zeros((32, 32)), np.full((32, 32), 255), checker, ramp])
+    images = np.concatenate([smooth, np.repeat(extremes[..., None], 3, -1).astype(np.uint8)])
+    for size in (224, 36, 112, 17):
+        assert torch.equal(data_mod.pil_resize(chw(images), size), pil_reference(images, size)), size
+
+
+def test_pil_resize_gives_the_same_pixels_whatever_the_chunk_size(monkeypatch):
+    images = chw(np.random.default_rng(1).integers(0, 256, (7, 32, 32, 3), dtype=np.uint8))
+    whole = data_mod.pil_resize(images, 48)
+    monkeypatch.setattr(data_mod, "_SCRATCH_BYTES", 1)  # one image per chunk
+    out = torch.zeros(7, 3, 48, 48, dtype=torch.uint8)
+    assert data_mod.pil_resize(images, 48, out=out) is out
+    assert torch.equal(out, whole)
+    assert torch.equal(whole, pil_reference(images.permute(0, 2, 3, 1).numpy(), 48))
