@@ -12,9 +12,8 @@ Two ways to batch them (``data_path``), with the same order and the same pixels:
   batch is one gather there. Images are resized on the device by ``pil_resize``, which does
   PIL's own fixed-point bilinear arithmetic, so the pixels equal the notebook's bit for bit:
   once up front when the resized set fits in device memory (CIFAR-10 at 224 px: 7.5 GB +
-  1.5 GB), else per batch from the native images (CIFAR: 150 MB). Only a split whose images
-  differ in size is resized by PIL itself, in loader workers (tests/test_engine.py checks
-  each case against the ``dataloader`` path).
+  1.5 GB), else per batch from the native images (CIFAR: 150 MB). tests/test_engine.py
+  checks each case against the ``dataloader`` path.
 """
 from __future__ import annotations
 
@@ -352,9 +351,14 @@ def pil_resize(images: torch.Tensor, size: int, out: torch.Tensor | None = None)
     Chunked so that the float64 scratch stays near 256 MB; ``out`` (uint8, on the same
     device) receives the result when given.
     """
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(f"pil_resize takes uint8 (N, C, H, W) images, not {images.dtype} "
+                         f"{tuple(images.shape)}")
     n, c, h, w = images.shape
     if out is None:
         out = torch.empty((n, c, size, size), dtype=torch.uint8, device=images.device)
+    elif out.shape != (n, c, size, size) or out.device != images.device or out.dtype != torch.uint8:
+        raise ValueError(f"pil_resize: out must be uint8 {(n, c, size, size)} on {images.device}")
     if (h, w) == (size, size):  # Image.resize returns a copy
         return out.copy_(images)
     scratch = 8 * c * (h * w + 2 * h * size + size * size)  # input, pass 1 (+ copy), pass 2
@@ -366,7 +370,7 @@ def pil_resize(images: torch.Tensor, size: int, out: torch.Tensor | None = None)
         x = images[start:start + chunk].to(torch.float64)
         if wx is not None:
             x = _pil_pass(x, wx)
-        if wy is not None:  # along H: the same product on the transposed images
+        if wy is not None:
             x = _pil_pass(x.transpose(-1, -2), wy).transpose(-1, -2)
         out[start:start + chunk].copy_(x)  # integral 0..255: the cast is exact
     return out
@@ -379,18 +383,24 @@ def _free_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
+def _decoded_batches(dataset: Dataset, workers: int):
+    """(groups, labels) per loader batch, in order: the images decoded at their native size
+    as uint8, stacked per run of consecutive images of one size. Workers run the dataset's
+    own loading code and nothing else."""
+    return DataLoader(_Native(dataset), batch_size=512, num_workers=workers,
+                      collate_fn=_stack_by_size)
+
+
 def _decode(dataset: Dataset, workers: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Every image of ``dataset`` at its native size as uint8 (N, 3, H, W), and the labels;
-    None when the images differ in size. Runs the dataset's own loading code in workers."""
-    loader = DataLoader(_Native(dataset), batch_size=512, num_workers=workers,
-                        collate_fn=_stack_if_uniform)
+    None when the images differ in size."""
     images, labels = [], []
-    for x, y in loader:
-        if x is None:
+    for groups, y in _decoded_batches(dataset, workers):
+        if len(groups) != 1:
             return None
-        images.append(x)
+        images.append(groups[0])
         labels.append(y)
-    if len({tuple(x.shape[1:]) for x in images}) != 1:
+    if not images or len({tuple(x.shape[1:]) for x in images}) != 1:
         return None
     return torch.cat(images), torch.cat(labels)
 
@@ -420,61 +430,50 @@ def _untransformed(dataset: Dataset, i: int):
         dataset.transform = saved
 
 
-def _stack_if_uniform(batch):
-    shapes = {x.shape for x, _ in batch}
-    if len(shapes) != 1:
-        return None, None
-    return torch.stack([x for x, _ in batch]), torch.tensor([y for _, y in batch])
+def _stack_by_size(batch):
+    groups, run = [], []
+    for x, _ in batch:
+        if run and x.shape != run[0].shape:
+            groups.append(torch.stack(run))
+            run = []
+        run.append(x)
+    if run:
+        groups.append(torch.stack(run))
+    return groups, torch.tensor([y for _, y in batch], dtype=torch.int64)
 
 
 def to_device(dataset: Dataset, image_size: int, device: torch.device, workers: int,
               budget_bytes: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """The split as uint8 on ``device``, and how it was resized (a ``RESIZE_NOTES`` key):
-    decoded at its native size, then resized once on the device when the resized split fits
-    in ``budget_bytes``, else left native, to be resized per batch there."""
+    """The split as uint8 on ``device``, and how it got there (a ``RESIZE_NOTES`` key).
+
+    Loader workers only decode: the native images cross their shared memory (CIFAR-10:
+    150 MB), not resized ones (7.5 GB at 224 px). When the resized split fits in
+    ``budget_bytes``, each decoded batch is resized on the device as it arrives, so neither
+    the host nor the device ever holds the whole native split beside it. Otherwise the
+    native split stays on the device, to be resized per batch, which needs one image size;
+    DataError when that does not hold or does not fit either.
+    """
     n = len(dataset)
-    fits = n * 3 * image_size * image_size <= budget_bytes
-    # Workers only decode: the native images (CIFAR-10: 150 MB) cross their shared memory,
-    # not resized ones (7.5 GB at 224 px). On an H200's 16-core host the old way, PIL
-    # resizing in workers, was part of ~33 s per run before the first step.
+    if n * 3 * image_size * image_size + _SCRATCH_BYTES <= budget_bytes:
+        out = torch.empty((n, 3, image_size, image_size), dtype=torch.uint8, device=device)
+        labels = torch.empty(n, dtype=torch.int64)
+        start, resized = 0, False
+        for groups, y in _decoded_batches(dataset, workers):
+            labels[start:start + len(y)] = y
+            for x in groups:
+                resized |= tuple(x.shape[-2:]) != (image_size, image_size)
+                pil_resize(x.to(device), image_size, out=out[start:start + len(x)])
+                start += len(x)
+        return out, labels.to(device), "device-once" if resized else "native"
     native = _decode(dataset, workers)
     if native is None:
-        if fits:
-            return _resize_in_workers(dataset, image_size, device, workers)
         raise DataError(f"data_path: the images differ in size, and resized to {image_size} px "
                         f"they do not fit on {device}; use -P data_path=dataloader")
     images, labels = native
-    images, labels = images.to(device), labels.to(device)
-    if images.shape[-2:] == (image_size, image_size):
-        return images, labels, "native"
-    if not fits:
-        return images, labels, "device-batch"
-    return pil_resize(images, image_size), labels, "device-once"
-
-
-def _resize_in_workers(dataset: Dataset, image_size: int, device: torch.device,
-                       workers: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-    # Images of mixed sizes: the notebook's own PIL Resize, in loader workers.
-    n = len(dataset)
-    out = torch.empty((n, 3, image_size, image_size), dtype=torch.uint8, device=device)
-    labels = torch.empty(n, dtype=torch.int64)
-    loader = DataLoader(_Resized(dataset, image_size), batch_size=512, num_workers=workers)
-    start = 0
-    for x, y in loader:
-        out[start:start + len(y)].copy_(x)
-        labels[start:start + len(y)] = y
-        start += len(y)
-    return out, labels.to(device), "host-once"
-
-
-class _Resized(_Native):
-    def __init__(self, dataset: Dataset, image_size: int):
-        super().__init__(dataset)
-        self.resize = transforms.Resize((image_size, image_size))
-
-    def __getitem__(self, i: int):
-        image, label = _untransformed(self.dataset, i)
-        return transforms.functional.pil_to_tensor(self.resize(image.convert("RGB"))), label
+    if images.numel() > budget_bytes:
+        raise DataError(f"data_path: the images do not fit on {device}, resized to "
+                        f"{image_size} px or at their own size; use -P data_path=dataloader")
+    return images.to(device), labels.to(device), "device-batch"
 
 
 RESIZE_NOTES = {
@@ -484,8 +483,6 @@ RESIZE_NOTES = {
                    "arithmetic (bit-exact)",
     "device-batch": "decoded once, kept at native size on the device, each batch resized there "
                     "with PIL's fixed-point bilinear arithmetic (bit-exact)",
-    "host-once": "images of mixed sizes: resized once by PIL in loader workers, then kept on "
-                 "the device (bit-exact)",
 }
 
 

@@ -391,11 +391,20 @@ def test_pil_resize_equals_pil_on_structured_and_saturated_images():
         assert torch.equal(data_mod.pil_resize(chw(images), size), pil_reference(images, size)), size
 
 
+def test_pil_resize_refuses_other_than_uint8_images_and_a_mis_shaped_out():
+    with pytest.raises(ValueError, match="uint8"):
+        data_mod.pil_resize(torch.rand(2, 3, 8, 8), 16)
+    with pytest.raises(ValueError, match="out must be"):
+        data_mod.pil_resize(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), 16,
+                            out=torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+
+
 def test_pil_resize_gives_the_same_pixels_whatever_the_chunk_size(monkeypatch):
     images = chw(np.random.default_rng(1).integers(0, 256, (7, 32, 32, 3), dtype=np.uint8))
     whole = data_mod.pil_resize(images, 48)
-    monkeypatch.setattr(data_mod, "_SCRATCH_BYTES", 1)  # one image per chunk
-    out = torch.zeros(7, 3, 48, 48, dtype=torch.uint8)
-    assert data_mod.pil_resize(images, 48, out=out) is out
-    assert torch.equal(out, whole)
+    for scratch in (1, 3 * 8 * 3 * (32 * 32 + 2 * 32 * 48 + 48 * 48)):  # chunks of 1; 3+3+1
+        monkeypatch.setattr(data_mod, "_SCRATCH_BYTES", scratch)
+        out = torch.zeros(7, 3, 48, 48, dtype=torch.uint8)
+        assert data_mod.pil_resize(images, 48, out=out) is out
+        assert torch.equal(out, whole), scratch
     assert torch.equal(whole, pil_reference(images.permute(0, 2, 3, 1).numpy(), 48))

@@ -65,8 +65,8 @@ def test_device_data_path_yields_the_dataloaders_batches_bit_for_bit_in_the_same
     loader = data_mod.build(cfg_for(data_path="dataloader", **cfg), CPU)
     device = data_mod.build(cfg_for(data_path="device", **cfg), CPU)
     assert device.path == "device" and loader.path == "dataloader"
-    assert "bit-exact" in device.resize
-    assert device.train.images.shape[-1] == image_size  # resized once, up front
+    assert device.resize == data_mod.RESIZE_NOTES["native" if image_size == 32 else "device-once"]
+    assert device.train.images.shape[-1] == image_size
     assert len(device.train) == len(loader.train) == 6
     # Two epochs: the order changes between them, identically on both paths.
     ref, got = epochs_of(loader.train, 2), epochs_of(device.train, 2)
@@ -93,14 +93,14 @@ def test_device_data_path_reads_an_image_folder_like_the_dataloader(tmp_path):
 @pytest.mark.parametrize("image_size", [224, 36])
 def test_device_data_path_resizes_each_batch_bit_for_bit_like_pil_when_memory_is_short(
         monkeypatch, image_size):
-    # With no room for the resized set, the native 32 px images stay on the device and each
-    # batch is resized there, with PIL's own fixed-point arithmetic.
-    monkeypatch.setattr(data_mod, "_free_bytes", lambda device: 0)
+    # Room for the native 32 px images (14 + 16 of 3 KB) but not for the resized set and
+    # the resize's scratch: they stay on the device and each batch is resized there.
+    monkeypatch.setattr(data_mod, "_free_bytes", lambda device: 2 << 20)
     cfg = dict(image_size=image_size, batch_size=4, synthetic_size=14)
     loader = data_mod.build(cfg_for(data_path="dataloader", **cfg), CPU)
     device = data_mod.build(cfg_for(data_path="device", **cfg), CPU)
-    assert "each batch" in device.resize and "bit-exact" in device.resize
-    assert device.train.images.shape[-1] == device.test.images.shape[-1] == 32  # native kept
+    assert device.resize == data_mod.RESIZE_NOTES["device-batch"]
+    assert device.train.images.shape[-1] == device.test.images.shape[-1] == 32
     for (xr, yr), (xg, yg) in zip(loader.train, device.train, strict=True):
         assert xg.shape[-1] == image_size
         assert torch.equal(yr, yg) and torch.equal(xr, xg)
@@ -116,17 +116,21 @@ def mixed_size_image_folder(root):
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (30, 26, 3), dtype=np.uint8)).save(odd)
 
 
-def test_device_data_path_resizes_images_of_mixed_sizes_with_pil_like_the_dataloader(tmp_path):
+def test_device_data_path_resizes_images_of_mixed_sizes_like_the_dataloader(tmp_path):
     mixed_size_image_folder(tmp_path)
     cfg = dict(dataset="imagefolder", data_dir=tmp_path, image_size=33, batch_size=8)
     loader = data_mod.build(cfg_for(data_path="dataloader", **cfg), CPU)
     device = data_mod.build(cfg_for(data_path="device", **cfg), CPU)
-    assert device.resize == data_mod.RESIZE_NOTES["host-once"]
+    assert device.resize == data_mod.RESIZE_NOTES["device-once"]
     for (xr, yr), (xg, yg) in zip(loader.train, device.train, strict=True):
         assert torch.equal(xr, xg) and torch.equal(yr, yg)
+    xr, yr = map(torch.cat, zip(*loader.test))
+    xg, yg = map(torch.cat, zip(*device.test))
+    assert torch.equal(yr, yg) and torch.equal(xr, xg)
 
 
-def test_device_data_path_refuses_mixed_sizes_that_do_not_fit_in_one_line(tmp_path, monkeypatch):
+def test_device_data_path_refuses_mixed_size_images_that_do_not_fit_with_a_one_line_error(
+        tmp_path, monkeypatch):
     mixed_size_image_folder(tmp_path)
     monkeypatch.setattr(data_mod, "_free_bytes", lambda device: 0)
     cfg = dict(dataset="imagefolder", data_dir=tmp_path, image_size=33, data_path="device")
@@ -444,10 +448,9 @@ def test_a_model_trained_channels_last_is_logged_without_warnings_and_loads_back
 
     cfg = cfg_for(image_size=32, batch_size=4, synthetic_size=8, max_steps=2, epochs=1,
                   log_model="true", channels_last="true", device=device)
-    # MLflow checks the input example and infers pip requirements by loading the model
-    # back, on CUDA where a GPU is visible; on an H200 both once failed with a WARNING (the
-    # CPU-exported program refuses CUDA) and the requirements fell back to a guess. Asking
-    # MLflow for CUDA predictions makes a CPU machine take that same path.
+    # MLflow checks the input example by loading the model back, on CUDA where a GPU is
+    # visible; on an H200 that failed with a WARNING (the CPU-exported program refuses
+    # CUDA). Asking MLflow for CUDA predictions makes a CPU machine take that same path.
     monkeypatch.setenv("MLFLOW_DEFAULT_PREDICTION_DEVICE", "cuda")
     warned = []
     handler = logging.Handler(logging.WARNING)
@@ -457,7 +460,7 @@ def test_a_model_trained_channels_last_is_logged_without_warnings_and_loads_back
         run_id = train.run(cfg)
     finally:
         logging.getLogger("mlflow").removeHandler(handler)
-    assert not [w for w in warned if "input example" in w or "pip requirements" in w], warned
+    assert not [w for w in warned if "input example" in w], warned
     assert os.environ["MLFLOW_DEFAULT_PREDICTION_DEVICE"] == "cuda"  # the user's, back
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
     uri = f"runs:/{run_id}/{names.MODEL}"
