@@ -21,6 +21,12 @@ EPOCHS=${EPOCHS:-10}
 PRECISION=${PRECISION:-default}
 CIFAR_TGZ=${CIFAR_TGZ:-.data/cifar10-jpg.tar.gz}
 STEPS=${*:-tests bench experiment}
+for step in $STEPS; do  # all checked before any runs: a typo must not cost a lease
+    case $step in
+        tests|bench|experiment) ;;
+        *) echo "gpu_check: unknown step '$step' (allowed: tests, bench, experiment)"; exit 2 ;;
+    esac
+done
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -73,9 +79,14 @@ for r in runs:
                                           key=lambda x: x.step)]
               for k in ("epoch_seconds", "test/accuracy", "train/images_per_second")
               if k in r.data.metrics}
+    seconds = (r.info.end_time - r.info.start_time) / 1000 if r.info.end_time else None
     result["runs"].append({
-        "name": r.info.run_name, "status": r.info.status,
-        "seconds": (r.info.end_time - r.info.start_time) / 1000 if r.info.end_time else None,
+        "name": r.info.run_name, "status": r.info.status, "seconds": seconds,
+        # Where the wall time went: before this run opened (archive, imports, store), and
+        # inside it but outside its epochs (data preparation, capture, model export).
+        "opened_after_seconds": r.info.start_time / 1000 - start,
+        "seconds_outside_epochs": (seconds - sum(epochs["epoch_seconds"])
+                                   if seconds is not None and epochs.get("epoch_seconds") else None),
         "tags": {k: v for k, v in r.data.tags.items() if not k.startswith("mlflow.")},
         "metrics": m, "per_epoch": epochs})
     if r.data.tags.get("compare.runs"):
@@ -89,10 +100,5 @@ EOF
     tail -5 "$OUT/experiment.log"
 }
 
-for step in $STEPS; do
-    case $step in
-        tests|bench|experiment) "$step" ;;
-        *) echo "gpu_check: unknown step '$step' (allowed: tests, bench, experiment)"; exit 2 ;;
-    esac
-done
+for step in $STEPS; do "$step"; done
 exit $status
