@@ -16,6 +16,14 @@ TEST_LOSS = "test/loss"
 EPOCH_SECONDS = "epoch_seconds"
 IMAGES_PER_SECOND = "train/images_per_second"
 
+# Once, at the run's end, step 0: where its wall time went besides the epochs, in seconds
+# (epoch_seconds has the epochs'). Rank 0's clock.
+TIME_DATA = "time/data_seconds"                # decoding and resizing the splits, before the run opened
+TIME_METRIC_WAIT = "time/metric_wait_seconds"  # at checkpoints: waiting until every point has landed
+TIME_CHECKPOINT = "time/checkpoint_seconds"    # writing the checkpoints
+TIME_ARTIFACTS = "time/artifacts_seconds"      # gradients.json, norms.npz and the plots
+TIME_MODEL = "time/model_seconds"              # exporting and logging the model (0 without one)
+
 # Artifacts.
 GRADIENTS_JSON = "gradients/gradients.json"     # {layer: [norm per batch, ...]}, the notebook's shape
 GRADIENT_PLOT = "plots/gradient_norms.png"

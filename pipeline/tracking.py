@@ -847,6 +847,7 @@ class Silent:
     def stream(self, keys, on_values=None, history=None): pass
     def submit(self, chunk): pass
     def log_epoch(self, epoch, metrics, timestamp_ms): pass
+    def log_totals(self, metrics): pass
     def wait(self): pass
     def flush(self): return {}
     def log_dict(self, obj, path): pass
@@ -859,24 +860,27 @@ class Silent:
         yield self
 
 
+_PREDICTION_DEVICE_LOCK = threading.Lock()  # the variable is process-wide
+
+
 @contextlib.contextmanager
 def _predict_on_cpu():
-    """MLflow's pyfunc loader puts a model on CUDA whenever a GPU is visible, and a ``pt2``
-    program exported with CPU weights (``train._log_model``) refuses to load there. Saving
-    loads the model that way to check the input example (and, unless they are given, in a
-    child process to infer the pip requirements). On an H200 both failed (two WARNINGs, and
-    requirements that fell back to a guess). MLflow's own switch, ``MLFLOW_DEFAULT_PREDICTION_DEVICE``, keeps
-    both on the CPU, where the program's weights are, for the duration of the save."""
+    """While saving, MLflow loads the model back as a pyfunc to check the input example,
+    and its pyfunc loader puts a model on CUDA whenever a GPU is visible, where a ``pt2``
+    program exported with CPU weights (``train._log_model``) refuses to load: a WARNING on
+    every GPU machine, and an unchecked example. MLflow's own switch,
+    ``MLFLOW_DEFAULT_PREDICTION_DEVICE``, keeps that check on the CPU for the duration."""
     key = "MLFLOW_DEFAULT_PREDICTION_DEVICE"
-    saved = os.environ.get(key)
-    os.environ[key] = "cpu"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = saved
+    with _PREDICTION_DEVICE_LOCK:
+        saved = os.environ.get(key)
+        os.environ[key] = "cpu"
+        try:
+            yield
+        finally:
+            if saved is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = saved
 
 
 class Tracker:
@@ -953,6 +957,12 @@ class Tracker:
     def log_epoch(self, epoch: int, metrics: dict[str, float], timestamp_ms: int) -> None:
         batch = [Metric(k, float(v), timestamp_ms, epoch) for k, v in metrics.items()]
         self._writer.queue.put(("metrics", batch, None))
+
+    def log_totals(self, metrics: dict[str, float]) -> None:
+        """Points at step 0, sent now (after ``flush``, when the writer thread is gone)."""
+        ms = int(time.time() * 1000)
+        self._outbox.send({"op": "metrics",
+                           "metrics": [(k, float(v), ms, 0) for k, v in metrics.items()]})
 
     def wait(self) -> None:
         """Block until every point queued so far is in the store, or in the spool while the
@@ -1076,7 +1086,8 @@ class Tracker:
         # A pt2 program needs torch alone (MLflow adds itself). Named here rather than
         # inferred: MLflow infers by loading the model in a child process, 3-6 s per run on
         # the 2-core CPU, and lists whatever that process imported (tqdm, pandas, ...).
-        # The local part of the version (+cu130) is not on PyPI.
+        # The local part of the version (+cu130) is not on PyPI; a nightly's version
+        # (2.x.devYYYYMMDD) is not either, and stays as it is: the truth, if uninstallable.
         requirements = [f"torch=={torch.__version__.split('+')[0]}"]
         error = None
         if not self._outbox.waiting:

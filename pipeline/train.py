@@ -230,16 +230,19 @@ def _run(prep: Prepared, comm: distributed.Comm, tags: dict[str, str] | None) ->
     # --- 2. data (may download: rank 0 first, so the ranks never race on the files) -------
     if not world.main:
         comm.barrier()
+    started = time.perf_counter()
     data = data_mod.build(cfg, device, world.rank, world.size, world.local_size)
+    data_seconds = time.perf_counter() - started
     if world.main:
         comm.barrier()
     try:
-        return _run_with_data(prep, comm, tags, data)
+        return _run_with_data(prep, comm, tags, data, data_seconds)
     finally:
         data.close()
 
 
-def _run_with_data(prep: Prepared, comm: distributed.Comm, tags, data) -> str | None:
+def _run_with_data(prep: Prepared, comm: distributed.Comm, tags, data,
+                   data_seconds: float) -> str | None:
     cfg, params, device, model, resume = prep.cfg, prep.params, prep.device, prep.model, prep.resume
     world = comm.world
 
@@ -269,15 +272,20 @@ def _run_with_data(prep: Prepared, comm: distributed.Comm, tags, data) -> str | 
                              names.CONFIG_JSON)
             tracker.set_tags(environment(device))
             tracker.log_datasets(data.lineage)
-        gradients, summary, dense = _train(cfg, model, data, device, autocast, tracker,
-                                           prep.use_graph, resume, every_step_layers(params, cfg),
-                                           comm)
+        gradients, summary, dense, seconds = _train(
+            cfg, model, data, device, autocast, tracker, prep.use_graph, resume,
+            every_step_layers(params, cfg), comm)
         if not world.main:
             return None
+        started = time.perf_counter()
         _log_artifacts(cfg, tracker, gradients, summary, data)
         _log_gradient_flow(cfg, tracker, dense, data)
+        seconds[names.TIME_ARTIFACTS] = time.perf_counter() - started
+        started = time.perf_counter()
         if cfg.wants_model:
             _log_model(cfg, tracker, model, device)
+        seconds[names.TIME_MODEL] = time.perf_counter() - started
+        tracker.log_totals({names.TIME_DATA: data_seconds, **seconds})
     return tracker.run_id
 
 
@@ -435,6 +443,7 @@ class Training:
         self.cfg, self.model, self.data, self.device = cfg, model, data, device
         self.autocast, self.tracker, self.resume, self.comm = autocast, tracker, resume, comm
         self.main = comm.world.main
+        self.seconds = {names.TIME_METRIC_WAIT: 0.0, names.TIME_CHECKPOINT: 0.0}
         self.channels_last = cfg.wants_channels_last(device.type)
         model.to(device).train()
         if self.channels_last:
@@ -598,7 +607,7 @@ class Training:
         self.summary["steps"] = self.step
         if self.cfg.wants_checkpoint_artifact and self.main:
             tracker.log_artifact(self.ckpt_path, names.CHECKPOINT_ARTIFACT)
-        return gradients, self.summary, self.collector.dense()
+        return gradients, self.summary, self.collector.dense(), self.seconds
 
     # --- what engine.run_steps calls back --------------------------------------------------
     def submit(self, chunk) -> None:  # host only: the chunk is read back in the writer thread
@@ -637,10 +646,12 @@ class Training:
         """Points before ``step`` land first: a resume never redoes them. Refused once a
         NaN/Inf was seen with on_nan=stop, so the last checkpoint stays the last good one.
         Under DDP every rank comes here at the same step; rank 0 writes the file."""
+        started = time.perf_counter()
         self.submit(self.probes.drain())
         self.tracker.wait()
         if self.send_thinned():
             self.tracker.wait()
+        self.seconds[names.TIME_METRIC_WAIT] += time.perf_counter() - started
         # The ranks agree, as rank 0 alone reads the norms back.
         bad, = self.comm.agree([int(self.watch.first is not None and self.cfg.on_nan == "stop")])
         self.agreed_nan = self.agreed_nan or bool(bad)
@@ -653,10 +664,12 @@ class Training:
         # the generator has already moved on to the next epoch's state.
         order_state = (self.data.order.start_state if at_batch
                        else self.data.order.sampler.generator.get_state())
+        started = time.perf_counter()
         checkpoint.save(self.ckpt_path, self.model, self.optimizer,
                         checkpoint.Position(self.step, at_epoch, at_batch, order_state),
                         self.cfg.to_params(), {"run_id": self.tracker.run_id,
                                                "correct": correct, "seen": seen})
+        self.seconds[names.TIME_CHECKPOINT] += time.perf_counter() - started
         return True
 
     def stop_for_nonfinite(self) -> None:

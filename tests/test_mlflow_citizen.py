@@ -224,6 +224,20 @@ def test_a_max_steps_run_with_log_model_auto_logs_no_model_and_registers_nothing
     assert all(v.run_id != run_id for v in mlflow.MlflowClient().search_model_versions())
 
 
+def test_a_run_records_where_its_time_went_besides_the_epochs(model_run, plain_run):
+    keys = (names.TIME_DATA, names.TIME_METRIC_WAIT, names.TIME_CHECKPOINT,
+            names.TIME_ARTIFACTS, names.TIME_MODEL)
+    client = mlflow.MlflowClient()
+    for (_, run_id, *_), model in ((model_run, True), (plain_run, False)):
+        points = {k: client.get_metric_history(run_id, k) for k in keys}
+        assert all([m.step for m in p] == [0] for p in points.values()), points
+        seconds = {k: p[0].value for k, p in points.items()}
+        # Each part took time (a checkpoint at every epoch's end), except the model's
+        # export in a run that logs none.
+        assert all(v > 0 for k, v in seconds.items() if k != names.TIME_MODEL), seconds
+        assert (seconds[names.TIME_MODEL] > 0.1) is model, seconds
+
+
 # --- 2. data lineage --------------------------------------------------------------------------
 def datasets_by_context(run_id: str) -> dict[str, object]:
     inputs = mlflow.get_run(run_id).inputs.dataset_inputs
