@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import mlflow.artifacts
 import mlflow.pytorch
 import numpy as np
 import pytest
@@ -395,10 +396,15 @@ def test_end_of_run_writes_and_the_model_wait_in_the_spool(server, tmp_path, mon
     mlflow.set_tracking_uri(server.url)
     try:
         loaded = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
+        folder = Path(mlflow.artifacts.download_artifacts(f"models:/{models[0].model_id}",
+                                                          dst_path=str(tmp_path / "model")))
     finally:
         mlflow.set_tracking_uri(None)
     with torch.no_grad():
         torch.testing.assert_close(loaded(example), output)
+    # Saved into the spool, the model names the same requirements as one logged directly.
+    assert set((folder / "requirements.txt").read_text().split()) == {
+        f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"}
 
 
 @pytest.mark.timeout(900)
