@@ -230,19 +230,19 @@ def _run(prep: Prepared, comm: distributed.Comm, tags: dict[str, str] | None) ->
     # --- 2. data (may download: rank 0 first, so the ranks never race on the files) -------
     if not world.main:
         comm.barrier()
-    started = time.perf_counter()
-    data = data_mod.build(cfg, device, world.rank, world.size, world.local_size)
-    data_seconds = time.perf_counter() - started
+    seconds: dict[str, float] = {}  # the run's time/* metrics
+    with _timed(seconds, names.TIME_DATA):
+        data = data_mod.build(cfg, device, world.rank, world.size, world.local_size)
     if world.main:
         comm.barrier()
     try:
-        return _run_with_data(prep, comm, tags, data, data_seconds)
+        return _run_with_data(prep, comm, tags, data, seconds)
     finally:
         data.close()
 
 
 def _run_with_data(prep: Prepared, comm: distributed.Comm, tags, data,
-                   data_seconds: float) -> str | None:
+                   seconds: dict[str, float]) -> str | None:
     cfg, params, device, model, resume = prep.cfg, prep.params, prep.device, prep.model, prep.resume
     world = comm.world
 
@@ -272,20 +272,18 @@ def _run_with_data(prep: Prepared, comm: distributed.Comm, tags, data,
                              names.CONFIG_JSON)
             tracker.set_tags(environment(device))
             tracker.log_datasets(data.lineage)
-        gradients, summary, dense, seconds = _train(
-            cfg, model, data, device, autocast, tracker, prep.use_graph, resume,
-            every_step_layers(params, cfg), comm)
+        gradients, summary, dense = _train(cfg, model, data, device, autocast, tracker,
+                                           prep.use_graph, resume, every_step_layers(params, cfg),
+                                           comm, seconds)
         if not world.main:
             return None
-        started = time.perf_counter()
-        _log_artifacts(cfg, tracker, gradients, summary, data)
-        _log_gradient_flow(cfg, tracker, dense, data)
-        seconds[names.TIME_ARTIFACTS] = time.perf_counter() - started
-        started = time.perf_counter()
-        if cfg.wants_model:
-            _log_model(cfg, tracker, model, device)
-        seconds[names.TIME_MODEL] = time.perf_counter() - started
-        tracker.log_totals({names.TIME_DATA: data_seconds, **seconds})
+        with _timed(seconds, names.TIME_ARTIFACTS):
+            _log_artifacts(cfg, tracker, gradients, summary, data)
+            _log_gradient_flow(cfg, tracker, dense, data)
+        with _timed(seconds, names.TIME_MODEL):
+            if cfg.wants_model:
+                _log_model(cfg, tracker, model, device)
+        tracker.log_totals(seconds)
     return tracker.run_id
 
 
@@ -427,10 +425,21 @@ class NonFiniteWatch:
                 names.NONFINITE_FIRST_TAG: f"{key}={value} at step {step}"}
 
 
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], key: str):
+    """Adds the block's wall time to ``seconds[key]`` (a ``time/*`` metric of the run)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - started
+
+
 def _train(cfg, model, data, device, autocast, tracker, use_graph, resume=None, every_step=None,
-           comm: distributed.Comm | None = None):
+           comm: distributed.Comm | None = None, seconds: dict[str, float] | None = None):
     training = Training(cfg, model, data, device, autocast, tracker, use_graph, resume, every_step,
-                        comm or distributed.Comm(distributed.World(), device))
+                        comm or distributed.Comm(distributed.World(), device),
+                        {} if seconds is None else seconds)
     training.run()
     return training.finish()
 
@@ -439,11 +448,13 @@ class Training:
     """One ``_train`` call: the run's state, and its epoch loop in named parts."""
 
     def __init__(self, cfg, model, data, device, autocast, tracker, use_graph, resume,
-                 every_step, comm: distributed.Comm):
+                 every_step, comm: distributed.Comm, seconds: dict[str, float]):
         self.cfg, self.model, self.data, self.device = cfg, model, data, device
         self.autocast, self.tracker, self.resume, self.comm = autocast, tracker, resume, comm
         self.main = comm.world.main
-        self.seconds = {names.TIME_METRIC_WAIT: 0.0, names.TIME_CHECKPOINT: 0.0}
+        # The run's time/* metrics; the waits and checkpoints are added up into it.
+        self.seconds = seconds
+        seconds.update({names.TIME_METRIC_WAIT: 0.0, names.TIME_CHECKPOINT: 0.0})
         self.channels_last = cfg.wants_channels_last(device.type)
         model.to(device).train()
         if self.channels_last:
@@ -607,7 +618,7 @@ class Training:
         self.summary["steps"] = self.step
         if self.cfg.wants_checkpoint_artifact and self.main:
             tracker.log_artifact(self.ckpt_path, names.CHECKPOINT_ARTIFACT)
-        return gradients, self.summary, self.collector.dense(), self.seconds
+        return gradients, self.summary, self.collector.dense()
 
     # --- what engine.run_steps calls back --------------------------------------------------
     def submit(self, chunk) -> None:  # host only: the chunk is read back in the writer thread
@@ -646,12 +657,11 @@ class Training:
         """Points before ``step`` land first: a resume never redoes them. Refused once a
         NaN/Inf was seen with on_nan=stop, so the last checkpoint stays the last good one.
         Under DDP every rank comes here at the same step; rank 0 writes the file."""
-        started = time.perf_counter()
-        self.submit(self.probes.drain())
-        self.tracker.wait()
-        if self.send_thinned():
+        with _timed(self.seconds, names.TIME_METRIC_WAIT):
+            self.submit(self.probes.drain())
             self.tracker.wait()
-        self.seconds[names.TIME_METRIC_WAIT] += time.perf_counter() - started
+            if self.send_thinned():
+                self.tracker.wait()
         # The ranks agree, as rank 0 alone reads the norms back.
         bad, = self.comm.agree([int(self.watch.first is not None and self.cfg.on_nan == "stop")])
         self.agreed_nan = self.agreed_nan or bool(bad)
@@ -664,12 +674,11 @@ class Training:
         # the generator has already moved on to the next epoch's state.
         order_state = (self.data.order.start_state if at_batch
                        else self.data.order.sampler.generator.get_state())
-        started = time.perf_counter()
-        checkpoint.save(self.ckpt_path, self.model, self.optimizer,
-                        checkpoint.Position(self.step, at_epoch, at_batch, order_state),
-                        self.cfg.to_params(), {"run_id": self.tracker.run_id,
-                                               "correct": correct, "seen": seen})
-        self.seconds[names.TIME_CHECKPOINT] += time.perf_counter() - started
+        with _timed(self.seconds, names.TIME_CHECKPOINT):
+            checkpoint.save(self.ckpt_path, self.model, self.optimizer,
+                            checkpoint.Position(self.step, at_epoch, at_batch, order_state),
+                            self.cfg.to_params(), {"run_id": self.tracker.run_id,
+                                                   "correct": correct, "seen": seen})
         return True
 
     def stop_for_nonfinite(self) -> None:
