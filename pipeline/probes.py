@@ -125,10 +125,9 @@ class Chunk:
         if self.event is not None:
             self.event.synchronize()
         out = self.host.numpy().astype(np.float64)
-        if self.squared:
-            loss = out[:, self.loss_col].copy()
-            out = np.sqrt(out)
-            out[:, self.loss_col] = loss
+        if self.squared:  # every column but the loss's, which may be any sign
+            norms = np.arange(out.shape[1]) != self.loss_col % out.shape[1]
+            out[:, norms] = np.sqrt(out[:, norms])
         return out
 
 
