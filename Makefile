@@ -50,7 +50,7 @@ test-slow: install-test
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 # The training-step benchmark: the notebook's loop against ours, one table (BENCHMARKS.md).
-# On an H200 ~5 min for all 19 rows (15 took 4.4); BENCH_ARGS="--only=eager,probes" picks rows by name
+# On an H200 ~5 min for all 20 rows (15 took 4.4); BENCH_ARGS="--only=eager,probes" picks rows by name
 # (the notebook's always runs), "--quick" runs tiny sizes on a CPU in about a minute (CI).
 bench: install
 	$(BIN)/python bench/train_step.py $(BENCH_ARGS)

@@ -13,7 +13,8 @@ In one process, on the current device (CUDA if visible), it times in turn:
   fast, off     the same loop with probes and logging both off
   ... the same three for bf16, variants without channels_last / without the graph / with
   cudnn.benchmark / with PyTorch's default Adam (foreach on CUDA, for-loop on a CPU)
-  instead of the fused one,
+  instead of the fused one / (bf16) with autocast casting each weight per op instead of
+  the step's one multi-tensor cast (engine.Bf16Weights),
   and ceilings: batch 256, no probes, eager, per precision.
 
 Each row is the median of ``--repeats`` timed windows of ``--steps`` steps after warm-up
@@ -108,9 +109,13 @@ def notebook_loop(args, device, train_set) -> float:
 # --- this project's loop ---------------------------------------------------------------------
 def project_loop(args, device, cfg: config.Config, *, probes_on: bool, logging_on: bool,
                  graph: bool, channels_last: bool, benchmark: bool = False,
-                 batch_size: int | None = None, fused: bool = True) -> tuple[float, str]:
-    """``engine.run_steps`` as ``train.run`` drives it; returns (s/step, engine mode)."""
+                 batch_size: int | None = None, fused: bool = True,
+                 cast_once: bool | None = None) -> tuple[float, str]:
+    """``engine.run_steps`` as ``train.run`` drives it; returns (s/step, engine mode).
+    ``cast_once`` None: as train decides (``engine.casts_weights_once``)."""
     batch_size = batch_size or cfg.batch_size
+    if cast_once is None:
+        cast_once = engine.casts_weights_once(cfg.precision, graph)
     torch.manual_seed(0)
     model = build_model("resnet50", skip=False).to(device)
     if channels_last:
@@ -122,7 +127,7 @@ def project_loop(args, device, cfg: config.Config, *, probes_on: bool, logging_o
                                           fused=fused)
         probes = GradientProbes(model, LAYERS, 100, device) if probes_on else None
         step = engine.Step(model, optimizer, probes, autocast, device, graph=graph,
-                           channels_last=channels_last)
+                           channels_last=channels_last, cast_once=cast_once)
         batches = cycle(lambda: data.train)
         submit = tracker.submit if tracker is not None else None
         if tracker is not None:
@@ -258,6 +263,8 @@ def main(argv=None) -> dict:
                       ("cudnn.benchmark on", dict(benchmark=True)),
                       *pieces,
                       ("no CUDA graph", dict(graph=False))]
+            if precision == "bf16":
+                pieces.insert(0, ("autocast's per-op weight casts", dict(cast_once=False)))
         elif precision != "default":
             pieces = []
         for what, kw in pieces:

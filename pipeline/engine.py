@@ -61,6 +61,78 @@ def autocast_for(precision: str, device: torch.device):
     return contextlib.nullcontext
 
 
+# The modules whose weights bf16 autocast casts on every call: the convolutions and linear
+# layers of its lower-precision op list (PyTorch docs, "Automatic Mixed Precision package":
+# CUDA/CPU ops that can autocast to lower precision). Norm layers keep float32 weights.
+AUTOCAST_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                    nn.ConvTranspose3d, nn.Linear)
+
+
+def casts_weights_once(precision: str, graph: bool) -> bool:
+    """Whether the step casts its bf16 weight copies once (``Bf16Weights``): in bf16 with a
+    CUDA graph, where the cast kernels are a large share of the step. Eagerly, the copies'
+    swap into the model (``functional_call``) costs host time each step instead, and DDP
+    must see its own parameters' gradients, so there autocast casts per op."""
+    return precision == "bf16" and graph
+
+
+class Bf16Weights:
+    """bf16 copies of the weights that autocast would cast, made in one multi-tensor copy.
+
+    Under bf16 autocast every convolution and linear layer casts its float32 weight to bf16
+    on each call, and its backward casts the bf16 weight gradient back to float32: for the
+    no-skip ResNet-50, 51 small cast kernels forward and 51 back (PyTorch's profiler), over
+    a quarter of the kernels of a captured step, whose cost at batch 16 is mostly per
+    kernel (BENCHMARKS.md). Here one ``torch._foreach_copy_`` makes all the copies
+    (multi_tensor_apply: a few launches), the model runs on them
+    (``torch.func.functional_call``), and a second one copies their gradients into the
+    float32 ``.grad``s that the optimizer and the weight probes read.
+
+    The same conversions in the same places (float32 -> bf16 rounds to nearest even, as
+    ``Tensor.to`` does; bf16 -> float32 is exact), so the numbers are identical: losses,
+    norms and weights, bit for bit (tests/test_engine.py, on the CPU and in a CUDA graph).
+    """
+
+    def __init__(self, model: nn.Module):
+        seen: set[int] = set()
+        named = []
+        for module_name, module in model.named_modules():
+            if not isinstance(module, AUTOCAST_MODULES):
+                continue
+            for name, p in module.named_parameters(recurse=False):
+                if p.requires_grad and p.dtype == torch.float32 and id(p) not in seen:
+                    seen.add(id(p))
+                    named.append((f"{module_name}.{name}" if module_name else name, p))
+        self.params = [p for _, p in named]
+        # Same shapes and strides as the weights (channels_last too): the copy then takes
+        # multi_tensor_apply's fast path, and the convolutions see the layout they would.
+        self.copies = [torch.empty_like(p, dtype=torch.bfloat16).requires_grad_()
+                       for p in self.params]
+        self._by_name = {n: c for (n, _), c in zip(named, self.copies)}
+
+    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            torch._foreach_copy_(self.copies, self.params)
+        return torch.func.functional_call(model, self._by_name, (x,))
+
+    @torch.no_grad()
+    def grads_back(self) -> None:
+        """After backward: the copies' gradients into the weights' float32 ``.grad``. A
+        weight the forward pass did not use keeps ``None``, as under autocast."""
+        pairs = [(p, c.grad) for p, c in zip(self.params, self.copies) if c.grad is not None]
+        for p, _ in pairs:
+            if p.grad is None:  # allocated once per graph capture, or per eager step
+                p.grad = torch.empty_like(p)
+        torch._foreach_copy_([p.grad for p, _ in pairs], [g for _, g in pairs])
+
+    def zero_grad(self, set_to_none: bool) -> None:
+        for c in self.copies:
+            if set_to_none:
+                c.grad = None
+            elif c.grad is not None:
+                c.grad.zero_()
+
+
 @dataclass
 class GraphStatus:
     """What the step turned out to be, for the run's tags."""
@@ -75,12 +147,15 @@ class Step:
     ``probes`` may be None (the benchmark's "probes off"). With ``graph=True`` the first
     full batch is used to warm up and capture; the warm-up's effects on the weights, the
     optimizer and the probes are undone, so step 0 is the true step 0. A batch of another
-    shape (an epoch's last, partial batch) runs the same body eagerly.
+    shape (an epoch's last, partial batch) runs the same body eagerly. ``cast_once`` runs the
+    model on bf16 weight copies made once per step (``Bf16Weights``; for bf16 autocast only).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, probes,
-                 autocast, device: torch.device, graph: bool, channels_last: bool = False):
+                 autocast, device: torch.device, graph: bool, channels_last: bool = False,
+                 cast_once: bool = False):
         self.model, self.optimizer, self.probes = model, optimizer, probes
+        self.cast = Bf16Weights(model) if cast_once else None
         self.autocast, self.device = autocast, device
         self.channels_last = channels_last
         self.criterion = nn.CrossEntropyLoss()
@@ -97,9 +172,11 @@ class Step:
     # --- the maths: one body for eager and graph ------------------------------------------
     def _body(self, x: torch.Tensor, y: torch.Tensor) -> None:
         with self.autocast():
-            out = self.model(x)
+            out = self.model(x) if self.cast is None else self.cast.forward(self.model, x)
             loss = self.criterion(out, y)
         loss.backward()  # the probes' hooks add this step's squared norms on the device
+        if self.cast is not None:
+            self.cast.grads_back()
         # Measure, record, log: the norms are complete; the loss joins them in the device
         # buffer (logging happens later, from the host, in chunks).
         if self.probes is not None:
@@ -111,8 +188,13 @@ class Step:
     def _eager(self, x: torch.Tensor, y: torch.Tensor) -> None:
         # set_to_none=False once a graph exists: the graph reads and writes the .grad tensors
         # it captured, so they must stay the same tensors.
-        self.optimizer.zero_grad(set_to_none=self._graph is None)
+        self._zero_grad(set_to_none=self._graph is None)
         self._body(x, y)
+
+    def _zero_grad(self, set_to_none: bool) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        if self.cast is not None:
+            self.cast.zero_grad(set_to_none)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if self.channels_last:
@@ -147,12 +229,12 @@ class Step:
                         # Every warm-up step writes row 0: the buffer may have fewer rows
                         # than there are warm-up steps (a run of 2 steps has 2 rows).
                         self.probes.row_t.zero_()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self._zero_grad(set_to_none=True)
                     self._body(*static)
             torch.cuda.current_stream().wait_stream(side)
             # Gradients allocated inside the capture live in the graph's private pool; the
             # replay overwrites them (they are not accumulated into).
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad(set_to_none=True)
             graph = torch.cuda.CUDAGraph()
             # thread_local: the metric writer thread may wait on a readback event meanwhile.
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
@@ -160,7 +242,7 @@ class Step:
         except RuntimeError as e:  # an op that cannot be captured, say
             self._graph = None
             self.status = GraphStatus("eager", f"capture failed: {str(e).splitlines()[0][:200]}")
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad(set_to_none=True)
         else:
             self._graph, self._static = graph, static
             self.status = GraphStatus("graph", "captured")

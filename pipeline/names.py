@@ -44,6 +44,7 @@ GRAPH_TAG = "engine.graph"                     # "graph" (one CUDA graph per ste
 GRAPH_REASON_TAG = "engine.graph_reason"       # why: captured, graph=off, capture failed: ...
 EAGER_STEPS_TAG = "engine.eager_steps"         # steps run eagerly beside a graph (partial batches)
 CHANNELS_LAST_TAG = "engine.channels_last"     # "true" | "false"
+WEIGHT_CASTS_TAG = "engine.weight_casts"       # bf16: "once" (per step, engine.Bf16Weights) | "per-op"; else "none"
 DATA_PATH_TAG = "data.path"                    # "dataloader" | "device"
 DATA_RESIZE_TAG = "data.resize"                # how images were resized, vs. the notebook's PIL
 DATA_DROPPED_TAG = "data.dropped_per_epoch"    # images of a last batch that does not split over the ranks

@@ -485,7 +485,8 @@ class Training:
                                      outputs=cfg.probes_outputs, weights=cfg.probes_weights)
         self.probes.start_at(self.position.step)
         self.step_fn = engine.Step(net, self.optimizer, self.probes, autocast, device,
-                                   graph=use_graph, channels_last=self.channels_last)
+                                   graph=use_graph, channels_last=self.channels_last,
+                                   cast_once=engine.casts_weights_once(cfg.precision, use_graph))
         # The probes measure every layer; the metric writer gets the every-step columns (and
         # the loss), the Collector the full rows: the dense artifact, the thinned metrics of the
         # other layers (with layers=all), the NaN watch and the dead-network warning.
@@ -634,7 +635,8 @@ class Training:
 
     def on_step(self, i) -> None:  # i counts from 0 within this call; ``step`` is read at call time
         if self.step + i == self.position.step:
-            _log_engine(self.tracker, self.step_fn, self.channels_last, self.progress)
+            _log_engine(self.tracker, self.step_fn, self.channels_last, self.cfg.precision,
+                        self.progress)
         self.progress.step(self.step + i)
         if self.cfg.checkpoint_every and (self.step + i + 1) % self.cfg.checkpoint_every == 0:
             self.checkpoint_due = True
@@ -717,12 +719,14 @@ def _global_counts(comm: distributed.Comm, correct: torch.Tensor, seen: int,
     return int(correct), int(seen)
 
 
-def _log_engine(tracker: Tracker, step_fn: engine.Step, channels_last: bool,
+def _log_engine(tracker: Tracker, step_fn: engine.Step, channels_last: bool, precision: str,
                 progress: Progress) -> None:
     """What the first step turned out to be (captured, or eager and why); said once."""
     status = step_fn.status
     tracker.set_tags({names.GRAPH_TAG: status.mode, names.GRAPH_REASON_TAG: status.reason,
-                      names.CHANNELS_LAST_TAG: str(channels_last).lower()})
+                      names.CHANNELS_LAST_TAG: str(channels_last).lower(),
+                      names.WEIGHT_CASTS_TAG: "none" if precision != "bf16" else
+                      "once" if step_fn.cast is not None else "per-op"})
     if status.mode == "eager" and step_fn.want_graph:
         progress.write(f"note: CUDA graph not used ({status.reason}); training eagerly")
 

@@ -221,6 +221,54 @@ def test_eager_step_trains_exactly_like_a_hand_written_loop():
     probes.remove()
 
 
+def bf16_run(cast_once: bool, batch_norm: bool, channels_last: bool):
+    """Three bf16-autocast steps of a seeded resnet18 with output and weight probes; returns
+    (probe rows, weights, step)."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", skip=True, batch_norm=batch_norm)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    probes = GradientProbes(model, ("conv1", "layer1.0.conv1", "fc"), 10, CPU, weights=True)
+    step = engine.Step(model, engine.make_optimizer("adam", model.parameters(), 1e-3, False),
+                       probes, engine.autocast_for("bf16", CPU), CPU, graph=False,
+                       channels_last=channels_last, cast_once=cast_once)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.rand(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g))
+               for _ in range(3)]
+    engine.run_steps(step, batches, CPU, probes)
+    rows = probes.drain().values()
+    probes.remove()
+    return rows, [p.detach().clone() for p in model.parameters()], step
+
+
+def test_a_bf16_run_without_a_graph_lets_autocast_cast_per_op_and_tags_it(tracking_store):
+    from mlflow import MlflowClient
+
+    from pipeline import train
+
+    run_id = train.run(cfg_for(model="resnet18", precision="bf16", max_steps=2,
+                               log_model="false", log_system_metrics="false"))
+    tags = MlflowClient().get_run(run_id).data.tags
+    assert tags[names.GRAPH_TAG] == "eager" and tags[names.WEIGHT_CASTS_TAG] == "per-op"
+
+
+@pytest.mark.parametrize("batch_norm, channels_last", [(False, False), (False, True), (True, False)])
+def test_bf16_weights_cast_once_per_step_train_exactly_like_autocasts_per_op_casts(
+        batch_norm, channels_last):
+    ours_rows, ours_weights, ours = bf16_run(True, batch_norm, channels_last)
+    ref_rows, ref_weights, _ = bf16_run(False, batch_norm, channels_last)
+    # Only convolutions and linear layers get copies: BatchNorm runs on float32 weights.
+    cast = {id(p) for p in ours.cast.params}
+    assert all(id(p) in cast for m in ours.model.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear)) for p in m.parameters())
+    assert not any(id(p) in cast for m in ours.model.modules()
+                   if isinstance(m, nn.BatchNorm2d) for p in m.parameters())
+    assert (ours_rows[:, 4:] > 0).all()  # the weight probes read the float32 gradients
+    assert np.array_equal(ours_rows, ref_rows)
+    for a, b in zip(ours_weights, ref_weights):
+        assert torch.equal(a, b)
+
+
 def adam_weights_after(steps: int, fused: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(weights before, weights after ``steps`` Adam steps) of a seeded resnet18."""
     torch.manual_seed(0)
@@ -321,7 +369,8 @@ def engine_run(*, graph: bool, capturable: bool, steps: int = 50, precision: str
         optimizer = engine.make_optimizer("adam", model.parameters(), 1e-3, capturable, fused)
         probes = GradientProbes(model, DEFAULT_LAYERS, steps, device, weights=weights)
         step = engine.Step(model, optimizer, probes, autocast, device, graph=graph,
-                           channels_last=channels_last)
+                           channels_last=channels_last,
+                           cast_once=engine.casts_weights_once(precision, graph))
         done = 0
         while done < steps:
             n, _ = engine.run_steps(step, data.train, device, probes, chunks.append,
@@ -341,6 +390,8 @@ def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
 @needs_cuda
 @pytest.mark.parametrize("precision", ["default", "bf16"])
 def test_cuda_graph_step_equals_the_eager_step_exactly_over_50_steps(precision):
+    # In bf16 the graph also casts the weights once per step (engine.Bf16Weights) and the
+    # eager step per op, as train.run does: that too must change nothing.
     graph_rows, graph_w, graph_step = engine_run(graph=True, capturable=True, precision=precision)
     eager_rows, eager_w, _ = engine_run(graph=False, capturable=True, precision=precision)
     assert graph_step.status.mode == "graph", graph_step.status.reason
@@ -355,14 +406,18 @@ def test_cuda_graph_step_equals_the_eager_step_exactly_over_50_steps(precision):
 
 
 @needs_cuda
-def test_weight_gradient_probes_in_the_cuda_graph_equal_the_eager_steps_exactly():
-    # probe=both: the output and weight gradients share one grouped reduction, captured.
-    graph_rows, _, graph_step = engine_run(graph=True, capturable=True, steps=20, weights=True)
-    eager_rows, _, _ = engine_run(graph=False, capturable=True, steps=20, weights=True)
+@pytest.mark.parametrize("precision", ["default", "bf16"])
+def test_weight_gradient_probes_in_the_cuda_graph_equal_the_eager_steps_exactly(precision):
+    # probe=both: the output and weight gradients share one grouped reduction, captured; in
+    # bf16 the graph's weight gradients come through the copies' (engine.Bf16Weights).
+    graph_rows, _, graph_step = engine_run(graph=True, capturable=True, steps=20, weights=True,
+                                           precision=precision)
+    eager_rows, _, _ = engine_run(graph=False, capturable=True, steps=20, weights=True,
+                                  precision=precision)
     assert graph_step.status.mode == "graph", graph_step.status.reason
     assert graph_rows.shape == (20, 2 * len(DEFAULT_LAYERS) + 1)
     assert (graph_rows[:, len(DEFAULT_LAYERS) + 1:] > 0).all()  # weight norms were recorded
-    report("graph_vs_eager_weight_probes",
+    report(f"graph_vs_eager_weight_probes_{precision}",
            {"max_relative_difference": relative_difference(graph_rows, eager_rows)})
     assert np.array_equal(graph_rows, eager_rows)
 
@@ -393,17 +448,19 @@ def test_fast_default_path_stays_close_to_the_notebooks_eager_loop_over_50_steps
 
 
 @needs_cuda
-def test_a_steady_state_step_never_synchronises_the_host():
+@pytest.mark.parametrize("precision", ["default", "bf16"])
+def test_a_steady_state_step_never_synchronises_the_host(precision):
     device = torch.device("cuda")
     data = data_mod.build(cfg_for(image_size=64, batch_size=16, synthetic_size=16 * 40,
                                   data_path="device", device="cuda"), device)
     torch.manual_seed(0)
     model = build_model("resnet50", skip=False).to(device).to(memory_format=torch.channels_last)
     chunks = []
-    with precision_mode("default", device) as autocast:
+    with precision_mode(precision, device) as autocast:
         probes = GradientProbes(model, DEFAULT_LAYERS, 8, device)
         step = engine.Step(model, engine.make_optimizer("adam", model.parameters(), 1e-3, True),
-                           probes, autocast, device, graph=True, channels_last=True)
+                           probes, autocast, device, graph=True, channels_last=True,
+                           cast_once=engine.casts_weights_once(precision, True))
         batches = iter(data.train)
         engine.run_steps(step, itertools.islice(batches, 5), device, probes, chunks.append)
         assert step.status.mode == "graph", step.status.reason
@@ -432,6 +489,7 @@ def test_train_run_on_cuda_captures_the_step_and_tags_how(tracking_store):
     tags = run.data.tags
     assert tags[names.GRAPH_TAG] == "graph", tags[names.GRAPH_REASON_TAG]
     assert tags[names.DATA_PATH_TAG] == "device" and tags[names.CHANNELS_LAST_TAG] == "true"
+    assert tags[names.WEIGHT_CASTS_TAG] == "none"  # TF32: no bf16 casts
     assert tags[names.EAGER_STEPS_TAG] == "2"  # the partial last batch of epochs 1 and 2
     history = MlflowClient().get_metric_history(run_id, names.grad_norm("conv1"))
     assert sorted(m.step for m in history) == list(range(12))
