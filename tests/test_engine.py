@@ -222,7 +222,7 @@ def test_eager_step_trains_exactly_like_a_hand_written_loop():
 
 
 def bf16_run(cast_once: bool, batch_norm: bool, channels_last: bool):
-    """Three bf16-autocast steps of a seeded resnet18 with output and weight probes; returns
+    """Four bf16-autocast steps of a seeded resnet18 with output and weight probes; returns
     (probe rows, weights, step)."""
     torch.manual_seed(0)
     model = build_model("resnet18", skip=True, batch_norm=batch_norm)
@@ -236,6 +236,11 @@ def bf16_run(cast_once: bool, batch_norm: bool, channels_last: bool):
     batches = [(torch.rand(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g))
                for _ in range(3)]
     engine.run_steps(step, batches, CPU, probes)
+    # A fourth step the way a partial batch runs beside a CUDA graph: the gradients zeroed
+    # in place (the graph holds them), not set to None.
+    step._zero_grad(set_to_none=False)
+    step._body(*batches[0])
+    probes.advance()
     rows = probes.drain().values()
     probes.remove()
     return rows, [p.detach().clone() for p in model.parameters()], step
