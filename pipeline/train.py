@@ -517,10 +517,10 @@ class Training:
             if self.resume is None:
                 self.save_checkpoint(0, 0, 0)  # the state before any step: always a good one
             try:
-                while self.epoch < self.cfg.epochs:
+                # Checked before each epoch: a resumed run may have reached max_steps already.
+                while self.epoch < self.cfg.epochs and not (
+                        self.cfg.max_steps and self.step >= self.cfg.max_steps):
                     self.run_epoch()
-                    if self.cfg.max_steps and self.step >= self.cfg.max_steps:
-                        break
             finally:
                 self.progress.close()
                 self.probes.remove()

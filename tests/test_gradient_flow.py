@@ -279,3 +279,17 @@ def test_a_resumed_run_has_the_dense_artifact_of_the_steps_since_the_resume(trac
     assert 0 < len(dense["steps"]) < 4
     losses = sorted(m.step for m in client.get_metric_history(run.info.run_id, names.TRAIN_LOSS))
     assert losses == [0, 1, 2, 3]  # the metrics cover the whole run
+
+
+def test_resuming_a_run_that_reached_max_steps_trains_no_further_step(tracking_store):
+    from mlflow import MlflowClient
+
+    from pipeline import train
+
+    run_id = train.run(Config(model="resnet18", **{**TINY, "max_steps": 3}))
+    train.run(Config(resume=run_id, model="resnet18", device="cpu"))
+    client = MlflowClient()
+    steps = {key: sorted(m.step for m in client.get_metric_history(run_id, key))
+             for key in (names.TRAIN_LOSS, names.EPOCH_SECONDS)}
+    assert steps == {names.TRAIN_LOSS: [0, 1, 2], names.EPOCH_SECONDS: [0]}
+    assert client.get_run(run_id).info.status == "FINISHED"
