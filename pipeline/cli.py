@@ -161,6 +161,12 @@ def main() -> None:
         cli.main(standalone_mode=False, prog_name="python -m pipeline")
     except click.exceptions.NoArgsIsHelpError as e:
         click.echo(e.ctx.get_help() if e.ctx else str(e))
+    except click.NoSuchOption as e:
+        # In the parameters' own spelling (an MLproject -P name), not click's --option.
+        name = e.option_name.lstrip("-").replace("-", "_")
+        near = sorted(p.lstrip("-").replace("-", "_") for p in e.possibilities or ())
+        hint = f"; did you mean {' or '.join(near)}?" if near else ""
+        _refuse(f"{name}: not a parameter of this step{hint} (--help lists them)")
     except click.UsageError as e:
         _refuse(e.format_message().replace("\n", " "))
     except click.exceptions.Abort:

@@ -242,6 +242,7 @@ class Step:
         except RuntimeError as e:  # an op that cannot be captured, say
             self._graph = None
             self.status = GraphStatus("eager", f"capture failed: {str(e).splitlines()[0][:200]}")
+            self.cast = None  # eagerly, autocast's own casts (casts_weights_once): same numbers
             self._zero_grad(set_to_none=True)
         else:
             self._graph, self._static = graph, static

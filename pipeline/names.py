@@ -19,8 +19,8 @@ IMAGES_PER_SECOND = "train/images_per_second"
 # Once, at the run's end, step 0: where its wall time went besides the epochs, in seconds
 # (epoch_seconds has the epochs'). Rank 0's clock.
 TIME_DATA = "time/data_seconds"                # decoding and resizing the splits, before the run opened
-TIME_METRIC_WAIT = "time/metric_wait_seconds"  # at checkpoints: waiting until every point has landed
-TIME_CHECKPOINT = "time/checkpoint_seconds"    # writing the checkpoints
+TIME_METRIC_WAIT = "time/metric_wait_seconds"  # at checkpoints and the end: until every point has landed
+TIME_CHECKPOINT = "time/checkpoint_seconds"    # writing the checkpoints, uploading the last
 TIME_ARTIFACTS = "time/artifacts_seconds"      # gradients.json, norms.npz and the plots
 TIME_MODEL = "time/model_seconds"              # exporting and logging the model (0 without one)
 

@@ -14,6 +14,9 @@ LINE_EVERY_S = 10.0  # non-terminal output (CI logs, files): one line per this m
 # The CPU estimate times steps ESTIMATE_FROM..ESTIMATE_AT: the first steps pay for worker
 # start-up and allocator warm-up and would inflate it.
 ESTIMATE_FROM, ESTIMATE_AT = 2, 6
+# A run estimated longer than this gets a suggestion for a quicker look; a shorter one is
+# already a quick look.
+QUICK_LOOK_S = 600.0
 
 
 def format_duration(seconds: float) -> str:
@@ -80,9 +83,10 @@ class Progress:
         elif step == ESTIMATE_AT and self._t_estimate is not None:
             per_step = (now - self._t_estimate) / (ESTIMATE_AT - ESTIMATE_FROM)
             total = per_step * self.total_steps
+            hint = ("; for a quick look try -P image_size=32 -P epochs=1, or -P max_steps=200"
+                    if total > QUICK_LOOK_S else "")
             self.write(f"estimate: {self.total_steps:,} training steps at {per_step:.3g} s/step on "
-                       f"this CPU = ~{format_duration(total)} (test passes not included); for a "
-                       "quick look try -P image_size=32 -P epochs=1, or -P max_steps=200")
+                       f"this CPU = ~{format_duration(total)} (test passes not included){hint}")
             self._estimate = False
 
     def write(self, line: str) -> None:

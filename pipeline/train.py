@@ -608,9 +608,10 @@ class Training:
         """After the loop: the last points sent; returns what ``_train`` returns."""
         tracker = self.tracker
         tracker.set_tags({names.EAGER_STEPS_TAG: str(self.step_fn.eager_batches)})
-        tracker.wait()
-        self.send_thinned()
-        series = tracker.flush()
+        with _timed(self.seconds, names.TIME_METRIC_WAIT):
+            tracker.wait()
+            self.send_thinned()
+            series = tracker.flush()
         # gradients.json and its plot: the output-gradient norms (the notebook's), or with
         # probe=weight the weight-gradient norms.
         key = names.grad_norm if self.cfg.probes_outputs else names.weight_grad_norm
@@ -618,7 +619,8 @@ class Training:
                      for layer in self.every_step}
         self.summary["steps"] = self.step
         if self.cfg.wants_checkpoint_artifact and self.main:
-            tracker.log_artifact(self.ckpt_path, names.CHECKPOINT_ARTIFACT)
+            with _timed(self.seconds, names.TIME_CHECKPOINT):
+                tracker.log_artifact(self.ckpt_path, names.CHECKPOINT_ARTIFACT)
         return gradients, self.summary, self.collector.dense()
 
     # --- what engine.run_steps calls back --------------------------------------------------

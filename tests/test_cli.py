@@ -55,10 +55,18 @@ def test_bad_value_exits_2_with_one_error_line_naming_the_parameter_and_creates_
     assert_no_run_was_created(tracking_store.dir)
 
 
-def test_unknown_option_exits_2_with_one_error_line_naming_it(tracking_store):
+def test_unknown_parameter_exits_2_with_one_error_line_naming_it_as_a_parameter(tracking_store):
     proc = run_pipeline(["train", "--foo", "1"], cwd=tracking_store.dir, store=tracking_store)
-    assert_one_line_refusal(proc, "--foo")
+    line = assert_one_line_refusal(proc)
+    assert line.startswith("error: foo: not a parameter"), line
     assert_no_run_was_created(tracking_store.dir)
+
+
+def test_a_misspelt_parameter_is_refused_with_the_nearest_names(tracking_store):
+    proc = run_pipeline(["train", "--batch-sise", "8"], cwd=tracking_store.dir,
+                        store=tracking_store)
+    line = assert_one_line_refusal(proc)
+    assert line.startswith("error: batch_sise: not a parameter") and "batch_size?" in line, line
 
 
 def test_option_without_a_value_exits_2_with_one_error_line(tracking_store):
@@ -96,7 +104,7 @@ def test_device_cuda_without_a_gpu_is_refused_in_one_line(tracking_store):
 
 @pytest.mark.parametrize("args, mentions", [
     (["--skip", "maybe"], ("skip", "maybe")),
-    (["--foo", "1"], ("--foo",)),
+    (["--foo", "1"], ("foo",)),
     (["--layers", "layer1.0.conv", "--image-size", "32"], ("layers",)),
 ], ids=["bad-value", "unknown-option", "unknown-layer"])
 def test_refusal_under_mlflow_run_ends_the_pending_run_failed_with_an_error_tag(
