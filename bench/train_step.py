@@ -127,7 +127,8 @@ def project_loop(args, device, cfg: config.Config, *, probes_on: bool, logging_o
                                           fused=fused)
         probes = GradientProbes(model, LAYERS, 100, device) if probes_on else None
         step = engine.Step(model, optimizer, probes, autocast, device, graph=graph,
-                           channels_last=channels_last, cast_once=cast_once)
+                           channels_last=channels_last, cast_once=cast_once,
+                           graph_batch=batch_size)
         batches = cycle(lambda: data.train)
         submit = tracker.submit if tracker is not None else None
         if tracker is not None:

@@ -10,6 +10,7 @@ accuracy counters stay on the device until the probes' chunked readback.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 from dataclasses import dataclass
 
@@ -90,36 +91,82 @@ class Bf16Weights:
 
     The same conversions in the same places (float32 -> bf16 rounds to nearest even, as
     ``Tensor.to`` does; bf16 -> float32 is exact), so the numbers are identical: losses,
-    norms and weights, bit for bit (tests/test_engine.py, on the CPU and in a CUDA graph).
+    norms and weights, bit for bit (tests/test_engine.py on the CPU; its GPU tests compare
+    the captured graph with autocast's eager casts).
+
+    Which weights: the first step runs on autocast's own casts and watches. A weight is
+    copied when its module ran exactly once and the weight got a gradient. A module called
+    twice (or a weight two modules share) would add its two bf16 gradients in bf16 on one
+    copy, where autocast adds them in float32; an unused weight would be copied for nothing
+    (the no-skip ResNet-50's four downsample convolutions: 12% of the weights). Any other
+    weight keeps autocast's cast, which is exact too, so the choice changes the speed, never
+    the numbers. Not seen: a weight used outside its module's forward (``F.conv2d(x,
+    m.weight)``); this project's models have none. The copies take the weights' layout
+    when they are made, after the first step: change the layout before training.
     """
 
     def __init__(self, model: nn.Module):
-        seen: set[int] = set()
-        named = []
-        for module_name, module in model.named_modules():
-            if not isinstance(module, AUTOCAST_MODULES):
-                continue
-            for name, p in module.named_parameters(recurse=False):
-                if p.requires_grad and p.dtype == torch.float32 and id(p) not in seen:
-                    seen.add(id(p))
-                    named.append((f"{module_name}.{name}" if module_name else name, p))
-        self.params = [p for _, p in named]
-        # Same shapes and strides as the weights (channels_last too): the copy then takes
-        # multi_tensor_apply's fast path, and the convolutions see the layout they would.
-        self.copies = [torch.empty_like(p, dtype=torch.bfloat16).requires_grad_()
-                       for p in self.params]
-        self._by_name = {n: c for (n, _), c in zip(named, self.copies)}
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError("Bf16Weights under DDP: DDP must see its own parameters' "
+                             "gradients; let autocast cast per op (casts_weights_once)")
+        # (module name, module, its own float32 trainable weights by name)
+        self._owners = [
+            (module_name, module, [(name, p) for name, p in module.named_parameters(recurse=False)
+                                   if p.requires_grad and p.dtype == torch.float32])
+            for module_name, module in model.named_modules()
+            if isinstance(module, AUTOCAST_MODULES)]
+        self.params: list[nn.Parameter] | None = None  # chosen after the first step
+        self.copies: list[torch.Tensor] = []
+        self._by_name: dict[str, torch.Tensor] = {}
+        self._calls: collections.Counter = collections.Counter()
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.params is None:
+            return self._watch(model, x)
+        if not self.copies:
+            return model(x)
         with torch.no_grad():
             torch._foreach_copy_(self.copies, self.params)
         return torch.func.functional_call(model, self._by_name, (x,))
 
+    def _watch(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The first forward pass, on autocast's casts, counting each module's calls."""
+        handles = [module.register_forward_pre_hook(lambda m, args, n=name: self._calls.update((n,)))
+                   for name, module, _ in self._owners]
+        try:
+            return model(x)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _choose(self) -> None:
+        """After the first backward: copy the weights used exactly once (class docstring)."""
+        uses: collections.Counter = collections.Counter()
+        for module_name, _, weights in self._owners:
+            for _, p in weights:
+                uses[id(p)] += self._calls[module_name]
+        chosen: dict[int, tuple[str, nn.Parameter]] = {}
+        for module_name, _, weights in self._owners:
+            for name, p in weights:
+                if uses[id(p)] == 1 and p.grad is not None and id(p) not in chosen:
+                    chosen[id(p)] = (f"{module_name}.{name}" if module_name else name, p)
+        self.params = [p for _, p in chosen.values()]
+        # Same shapes and strides as the weights (channels_last too): the copy then takes
+        # multi_tensor_apply's fast path, and the convolutions see the layout they would.
+        self.copies = [torch.empty_like(p, dtype=torch.bfloat16).requires_grad_()
+                       for p in self.params]
+        self._by_name = {n: c for (n, _), c in zip(chosen.values(), self.copies)}
+
     @torch.no_grad()
     def grads_back(self) -> None:
-        """After backward: the copies' gradients into the weights' float32 ``.grad``. A
-        weight the forward pass did not use keeps ``None``, as under autocast."""
+        """After backward: the copies' gradients into the weights' float32 ``.grad`` (after
+        the first step: the choice of weights)."""
+        if self.params is None:
+            self._choose()
+            return
         pairs = [(p, c.grad) for p, c in zip(self.params, self.copies) if c.grad is not None]
+        if not pairs:
+            return
         for p, _ in pairs:
             if p.grad is None:  # allocated once per graph capture, or per eager step
                 p.grad = torch.empty_like(p)
@@ -147,27 +194,37 @@ class Step:
     ``probes`` may be None (the benchmark's "probes off"). With ``graph=True`` the first
     full batch is used to warm up and capture; the warm-up's effects on the weights, the
     optimizer and the probes are undone, so step 0 is the true step 0. A batch of another
-    shape (an epoch's last, partial batch) runs the same body eagerly. ``cast_once`` runs the
-    model on bf16 weight copies made once per step (``Bf16Weights``; for bf16 autocast only).
+    shape (an epoch's last, partial batch) runs the same body eagerly. ``graph_batch``, when
+    given, is the batch size to capture at: a run resumed just before an epoch's partial
+    batch must not capture that one and then run every full batch eagerly. ``cast_once``
+    runs the model on bf16 weight copies made once per step (``Bf16Weights``; for bf16
+    autocast only).
     """
+
+    PENDING = "not captured: no full batch yet"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, probes,
                  autocast, device: torch.device, graph: bool, channels_last: bool = False,
-                 cast_once: bool = False):
+                 cast_once: bool = False, graph_batch: int | None = None):
         self.model, self.optimizer, self.probes = model, optimizer, probes
         self.cast = Bf16Weights(model) if cast_once else None
         self.autocast, self.device = autocast, device
         self.channels_last = channels_last
         self.criterion = nn.CrossEntropyLoss()
-        self.want_graph = graph
-        self.status = GraphStatus("eager", "not yet captured" if graph else
+        self.want_graph, self.graph_batch = graph, graph_batch
+        self.status = GraphStatus("eager", self.PENDING if graph else
                                   "not asked for (graph=off; graph=auto off CUDA or under DDP)")
-        self.eager_batches = 0     # steps that ran eagerly while a graph exists (partial batches)
+        self.eager_batches = 0     # steps run eagerly beside a graph, or before its capture
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static: tuple[torch.Tensor, torch.Tensor] | None = None
         # Training accuracy, summed on the device; read once per epoch.
         self.correct = torch.zeros((), dtype=torch.int64, device=device)
         self.loss = torch.zeros((), dtype=torch.float32, device=device)  # the last step's
+
+    @property
+    def capture_pending(self) -> bool:
+        """A graph is wanted and no full batch has come yet to capture it."""
+        return self.want_graph and self._graph is None and self.status.reason == self.PENDING
 
     # --- the maths: one body for eager and graph ------------------------------------------
     def _body(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -199,14 +256,14 @@ class Step:
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.want_graph and self._graph is None and self.status.reason == "not yet captured":
+        if self.capture_pending and (self.graph_batch is None or x.shape[0] == self.graph_batch):
             self._capture(x, y)
         if self._graph is not None and x.shape == self._static[0].shape:
             self._static[0].copy_(x)
             self._static[1].copy_(y)
             self._graph.replay()
             return
-        if self._graph is not None:
+        if self._graph is not None or self.capture_pending:
             self.eager_batches += 1
         self._eager(x, y)
 

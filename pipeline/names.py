@@ -42,7 +42,7 @@ DEVICE_TAG = "device.resolved"                 # the device `device=auto` chose
 RERUN_OF_TAG = "rerun_of"                      # `rerun`: the run whose config.json this replays
 GRAPH_TAG = "engine.graph"                     # "graph" (one CUDA graph per step) | "eager"
 GRAPH_REASON_TAG = "engine.graph_reason"       # why: captured, graph=off, capture failed: ...
-EAGER_STEPS_TAG = "engine.eager_steps"         # steps run eagerly beside a graph (partial batches)
+EAGER_STEPS_TAG = "engine.eager_steps"         # steps run eagerly beside a graph or before its capture (partial batches)
 CHANNELS_LAST_TAG = "engine.channels_last"     # "true" | "false"
 WEIGHT_CASTS_TAG = "engine.weight_casts"       # bf16: "once" (per step, engine.Bf16Weights) | "per-op"; else "none"
 DATA_PATH_TAG = "data.path"                    # "dataloader" | "device"

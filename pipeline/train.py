@@ -486,7 +486,9 @@ class Training:
         self.probes.start_at(self.position.step)
         self.step_fn = engine.Step(net, self.optimizer, self.probes, autocast, device,
                                    graph=use_graph, channels_last=self.channels_last,
-                                   cast_once=engine.casts_weights_once(cfg.precision, use_graph))
+                                   cast_once=engine.casts_weights_once(cfg.precision, use_graph),
+                                   graph_batch=cfg.batch_size)
+        self.engine_logged = False  # the engine.* tags, once the step knows what it is
         # The probes measure every layer; the metric writer gets the every-step columns (and
         # the loss), the Collector the full rows: the dense artifact, the thinned metrics of the
         # other layers (with layers=all), the NaN watch and the dead-network warning.
@@ -607,6 +609,8 @@ class Training:
     def finish(self):
         """After the loop: the last points sent; returns what ``_train`` returns."""
         tracker = self.tracker
+        if not self.engine_logged:  # no full batch came: the graph was never captured
+            self.log_engine()
         tracker.set_tags({names.EAGER_STEPS_TAG: str(self.step_fn.eager_batches)})
         with _timed(self.seconds, names.TIME_METRIC_WAIT):
             tracker.wait()
@@ -636,12 +640,16 @@ class Training:
         return bool(pending)
 
     def on_step(self, i) -> None:  # i counts from 0 within this call; ``step`` is read at call time
-        if self.step + i == self.position.step:
-            _log_engine(self.tracker, self.step_fn, self.channels_last, self.cfg.precision,
-                        self.progress)
+        if not self.engine_logged and not self.step_fn.capture_pending:
+            self.log_engine()
         self.progress.step(self.step + i)
         if self.cfg.checkpoint_every and (self.step + i + 1) % self.cfg.checkpoint_every == 0:
             self.checkpoint_due = True
+
+    def log_engine(self) -> None:
+        _log_engine(self.tracker, self.step_fn, self.channels_last, self.cfg.precision,
+                    self.progress)
+        self.engine_logged = True
 
     def stop(self) -> bool:  # host flags only: no device sync
         self.agree()

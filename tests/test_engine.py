@@ -239,7 +239,8 @@ def bf16_run(cast_once: bool, batch_norm: bool, channels_last: bool):
     # A fourth step the way a partial batch runs beside a CUDA graph: the gradients zeroed
     # in place (the graph holds them), not set to None.
     step._zero_grad(set_to_none=False)
-    step._body(*batches[0])
+    x, y = batches[0]
+    step._body(x.contiguous(memory_format=torch.channels_last) if channels_last else x, y)
     probes.advance()
     rows = probes.drain().values()
     probes.remove()
@@ -270,6 +271,47 @@ def test_bf16_weights_cast_once_per_step_train_exactly_like_autocasts_per_op_cas
                    if isinstance(m, nn.BatchNorm2d) for p in m.parameters())
     assert (ours_rows[:, 4:] > 0).all()  # the weight probes read the float32 gradients
     assert np.array_equal(ours_rows, ref_rows)
+    for a, b in zip(ours_weights, ref_weights):
+        assert torch.equal(a, b)
+
+
+class Reused(nn.Module):
+    """A linear layer called twice per forward, and a convolution never called."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.unused = nn.Conv2d(4, 4, 1)
+        self.mix = nn.Linear(4 * 8 * 8, 4 * 8 * 8)
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).flatten(1)
+        return self.fc(self.mix(torch.relu(self.mix(h))))
+
+
+def test_cast_once_leaves_a_module_called_twice_and_an_unused_one_to_autocast():
+    # One bf16 copy of a twice-used weight would add its two gradients in bf16, where
+    # autocast adds them in float32: not the same numbers. An unused one costs a copy.
+    def run(cast_once):
+        torch.manual_seed(0)
+        model = Reused()
+        step = engine.Step(model, engine.make_optimizer("adam", model.parameters(), 1e-3, False),
+                           None, engine.autocast_for("bf16", CPU), CPU, graph=False,
+                           cast_once=cast_once)
+        g = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(4):
+            step(torch.rand(5, 3, 8, 8, generator=g), torch.randint(0, 10, (5,), generator=g))
+            losses.append(step.loss.item())
+        return losses, [p.detach().clone() for p in model.parameters()], step
+
+    ours_losses, ours_weights, ours = run(True)
+    ref_losses, ref_weights, _ = run(False)
+    model = ours.model
+    assert {id(p) for p in ours.cast.params} == {id(p) for p in (
+        model.conv.weight, model.conv.bias, model.fc.weight, model.fc.bias)}
+    assert ours_losses == ref_losses
     for a, b in zip(ours_weights, ref_weights):
         assert torch.equal(a, b)
 
@@ -336,6 +378,19 @@ def test_a_graph_asked_for_on_the_cpu_runs_eagerly_and_says_why():
     assert "CUDA" in step.status.reason
 
 
+def test_the_graph_waits_for_a_full_batch_instead_of_capturing_a_partial_first_one():
+    # A run resumed just before an epoch's partial batch starts with it: capturing that
+    # shape would run every full batch after it eagerly.
+    model = Small()
+    step = engine.Step(model, engine.make_optimizer("adam", model.parameters(), 1e-3, False),
+                       None, contextlib.nullcontext, CPU, graph=True, graph_batch=4)
+    step(torch.rand(2, 3, 8, 8), torch.tensor([1, 2]))
+    assert step.capture_pending and step.status.reason == engine.Step.PENDING
+    assert step.eager_batches == 1
+    step(torch.rand(4, 3, 8, 8), torch.tensor([1, 2, 3, 4]))  # tried now (and, on a CPU, refused)
+    assert not step.capture_pending and "CUDA" in step.status.reason
+
+
 def test_graph_on_without_cuda_is_refused_in_one_line_before_any_data_work(tmp_path):
     proc = run_pipeline(["train", "--graph", "on", "--device", "cpu", "--dataset", "cifar10",
                          "--data-dir", str(tmp_path / "nowhere")], cwd=tmp_path)
@@ -375,7 +430,7 @@ def engine_run(*, graph: bool, capturable: bool, steps: int = 50, precision: str
         probes = GradientProbes(model, DEFAULT_LAYERS, steps, device, weights=weights)
         step = engine.Step(model, optimizer, probes, autocast, device, graph=graph,
                            channels_last=channels_last,
-                           cast_once=engine.casts_weights_once(precision, graph))
+                           cast_once=engine.casts_weights_once(precision, graph), graph_batch=16)
         done = 0
         while done < steps:
             n, _ = engine.run_steps(step, data.train, device, probes, chunks.append,
