@@ -42,7 +42,7 @@ def run_all(cfg: Config, force: bool) -> str:
     params = {k: v for k, v in to_params(cfg).items() if k != "skip"}
     params.update(to_params(AllConfig(force=force)))
     experiment_id = tracking.use_experiment(cfg.experiment)
-    parent = Tracker.start(f"all-{cfg.model}", params, {"pipeline.step": "all"},
+    parent = Tracker.start(f"all-{cfg.model}", params, {names.STEP_TAG: "all"},
                            experiment_id=experiment_id)
     with parent.ending():
         ids = {}
