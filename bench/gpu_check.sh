@@ -11,7 +11,9 @@
 #        PRECISION (experiment, default "default"), CIFAR_TGZ (the JPEG archive; default
 #        .data/cifar10-jpg.tar.gz, a copy of ../shared/data/cifar10-jpg.tar.gz), BENCH_ARGS
 #        (benchmark options, e.g. "--steps 50 --repeats 2" to fit a short device lease), EXTRA
-#        (more `all` options, e.g. "--image-size 32 --max-steps 5" for a CPU dry run).
+#        (more `all` options, e.g. "--image-size 32 --max-steps 5" for a CPU dry run),
+#        EXPERIMENT_TIMEOUT (seconds; the experiment is then stopped with SIGTERM, so a slow
+#        path cannot eat a whole lease: its runs end KILLED, and are summarised as they are).
 # The machine may have torch and torchvision but no MLflow: wheels in .whl/ (see
 # BENCHMARKS.md, "Reproducing the GPU figures") are installed into /tmp/site first.
 set -uo pipefail
@@ -60,7 +62,9 @@ experiment() {
     data=/tmp/cifar10-jpg
     start=$(date +%s.%N)
     mkdir -p "$data" && tar xzf "$CIFAR_TGZ" -C "$data"
-    (cd /tmp && MLFLOW_TRACKING_URI=sqlite:////tmp/exp.db python3 -m pipeline all \
+    # timeout 0 = none; -k: SIGKILL 30 s after the SIGTERM if the process has not ended
+    (cd /tmp && MLFLOW_TRACKING_URI=sqlite:////tmp/exp.db timeout -k 30 "${EXPERIMENT_TIMEOUT:-0}" \
+        python3 -m pipeline all \
         --dataset imagefolder --data-dir "$data" --epochs "$EPOCHS" --precision "$PRECISION" \
         ${EXTRA:-}) \
         > "$OUT/experiment.log" 2>&1 || status=1

@@ -8,7 +8,9 @@ from a shell. Heavy imports (torch, mlflow) happen only after the input is valid
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 import click
 
@@ -48,6 +50,7 @@ def _refuse(message: str):
 def _dispatch(action):
     """Run ``action``; turn the user's errors into one line and exit code 2."""
     try:
+        _let_sigterm_in()  # imports are done; the work starts (unwind_on_sigterm)
         return action()
     except config.UserError as e:  # ConfigError, data.DataError, query.QueryError
         _refuse(str(e))
@@ -56,10 +59,18 @@ def _dispatch(action):
             click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt as e:
-        if not distributed.follower():
-            click.echo(f"interrupted: {e or 'Ctrl-C'}; a run that had started was ended as KILLED",
-                       err=True)
-        sys.exit(128 + getattr(e, "signum", 2))  # the shell's convention: 130 SIGINT, 143 SIGTERM
+        _interrupted(e)
+
+
+def _interrupted(e: KeyboardInterrupt):
+    """Ctrl-C or SIGTERM (``Terminated``): the run ended KILLED, one line, exit 130 / 143."""
+    if not distributed.follower():
+        reason = f"interrupted: {e or 'Ctrl-C'}"
+        if os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run`'s run, not taken over yet
+            from .tracking import end_if_running  # mlflow only on this path; no torch
+            end_if_running(os.environ["MLFLOW_RUN_ID"], "KILLED", reason)
+        click.echo(f"{reason}; a run that had started was ended as KILLED", err=True)
+    sys.exit(128 + getattr(e, "signum", 2))  # the shell's convention: 130 SIGINT, 143 SIGTERM
 
 
 def _parse(cls, values):
@@ -154,11 +165,45 @@ def sync(spool: str) -> None:
     _dispatch(lambda: tracking.sync(spool, echo=click.echo))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop (inside it, the loop stops after its step)."""
+
+    signum = signal.SIGTERM
+
+
+def unwind_on_sigterm() -> None:
+    """Let SIGTERM unwind like Ctrl-C. Python's default ends the process on the spot, which
+    leaves a started MLflow run RUNNING (say, SIGTERM while the model is exported);
+    unwinding ends it KILLED (``Tracker.ending``), and ``_dispatch`` exits 143. Not in a
+    torchrun rank: its agent stops the ranks and ends the run (``distributed._failure``).
+
+    SIGTERM is held back (blocked) until ``_dispatch`` starts the command's work: an
+    interrupt inside a C extension's import (torch, pandas under MLflow) comes back as an
+    unrelated error (a SystemError, or an ImportError of a half-imported module)."""
+    if distributed.launched() or threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        raise Terminated("SIGTERM")
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
+def _let_sigterm_in() -> None:
+    """A SIGTERM held back since the start arrives now (as ``Terminated``)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
 def main() -> None:
+    unwind_on_sigterm()
     # standalone_mode=False lets us turn click's usage errors (an unknown -P name arrives
     # as an unknown --option) into the same one-line message as our own.
     try:
-        cli.main(standalone_mode=False, prog_name="python -m pipeline")
+        try:
+            cli.main(standalone_mode=False, prog_name="python -m pipeline")
+        finally:
+            _let_sigterm_in()  # a command that ended before its work (bad input, --help)
     except click.exceptions.NoArgsIsHelpError as e:
         click.echo(e.ctx.get_help() if e.ctx else str(e))
     except click.NoSuchOption as e:
@@ -169,5 +214,23 @@ def main() -> None:
         _refuse(f"{name}: not a parameter of this step{hint} (--help lists them)")
     except click.UsageError as e:
         _refuse(e.format_message().replace("\n", " "))
-    except click.exceptions.Abort:
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # a SIGTERM held back until the finally above
+        _interrupted(e)
+    except Exception as e:  # noqa: BLE001 - re-raised unless an interrupt caused it
+        # Ctrl-C outside _dispatch, while a command imports torch or MLflow, comes back as
+        # click's Abort, or as a C extension's SystemError ("returned a result with an
+        # exception set"); the interrupt is in its chain.
+        interrupt = _interrupt_behind(e)
+        if interrupt is None and not isinstance(e, click.exceptions.Abort):
+            raise
+        _interrupted(interrupt or KeyboardInterrupt())
+
+
+def _interrupt_behind(e: BaseException) -> KeyboardInterrupt | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None

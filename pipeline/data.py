@@ -21,6 +21,7 @@ import functools
 import hashlib
 import math
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -383,12 +384,25 @@ def _free_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _worker_signals(worker_id: int) -> None:
+    """A loader worker ends on SIGTERM as it does on SIGINT: quietly (PyTorch's worker loop
+    takes KeyboardInterrupt to mean "the main process stops too"). A signal sent to the
+    whole process group (`timeout`, `kill -- -PGID`, a scheduler's preemption) then leaves
+    the main process to stop after its step, checkpoint and end the run KILLED; a worker
+    killed by it would instead fail the run ("DataLoader worker ... exited unexpectedly")."""
+    signal.signal(signal.SIGTERM, _interrupted)
+
+
 def _decoded_batches(dataset: Dataset, workers: int):
     """(groups, labels) per loader batch, in order: the images decoded at their native size
     as uint8, stacked per run of consecutive images of one size. Workers run the dataset's
     own loading code and nothing else."""
     return DataLoader(_Native(dataset), batch_size=512, num_workers=workers,
-                      collate_fn=_stack_by_size)
+                      collate_fn=_stack_by_size, worker_init_fn=_worker_signals)
 
 
 def _decode(dataset: Dataset, workers: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -535,7 +549,7 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1,
             dropped_per_epoch=dropped)
     common = dict(batch_size=cfg.batch_size, num_workers=workers,
                   pin_memory=device.type == "cuda",  # lets the host->device copy run async
-                  persistent_workers=workers > 0)
+                  persistent_workers=workers > 0, worker_init_fn=_worker_signals)
     return Data(
         train=DataLoader(train, batch_sampler=ShardedBatches(order, cfg.batch_size, rank, world_size),
                          **{k: v for k, v in common.items() if k != "batch_size"}),

@@ -61,9 +61,11 @@ def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, floa
 
 
 def start_training(store, *args) -> subprocess.Popen:
+    # Its own process group, as a shell job has: a signal can go to it and its loader workers.
     return subprocess.Popen([sys.executable, "-m", "pipeline", "train", *TINY, *args],
                             cwd=store.dir, env=subprocess_env(store), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
 
 
 def wait_for_steps(store, proc: subprocess.Popen, at_least: int, timeout: float = 120) -> str:
@@ -143,13 +145,22 @@ def test_resume_of_a_run_of_another_model_is_refused_naming_both_models(tracking
 
 # --- 2. interruption ---------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_signal_finishes_the_step_flushes_checkpoints_and_ends_the_run_killed(tracking_store, sig, code):
+@pytest.mark.parametrize("sig, code, workers", [
+    (signal.SIGTERM, 143, 0), (signal.SIGINT, 130, 0),
+    # To the whole process group, loader workers included, as `timeout`, Ctrl-C in a
+    # terminal or a scheduler's preemption send it: the workers must not fail the run.
+    (signal.SIGTERM, 143, 2), (signal.SIGINT, 130, 2)],
+    ids=["SIGTERM", "SIGINT", "SIGTERM-to-the-group-with-workers", "SIGINT-to-the-group-with-workers"])
+def test_a_signal_finishes_the_step_flushes_checkpoints_and_ends_the_run_killed(
+        tracking_store, sig, code, workers):
     store = tracking_store
-    proc = start_training(store, "--epochs", "5")
+    proc = start_training(store, "--epochs", "5", "--num-workers", str(workers))
     run_id = wait_for_steps(store, proc, at_least=4)
     sent = time.monotonic()
-    proc.send_signal(sig)
+    if workers:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err[-3000:]
     assert time.monotonic() - sent < 20  # "within a few seconds" (a step is ~0.2 s here)
@@ -161,6 +172,30 @@ def test_a_signal_finishes_the_step_flushes_checkpoints_and_ends_the_run_killed(
     state = torch.load(checkpoint.path_for(store.dir / "checkpoints", run_id), weights_only=False)
     assert state["position"]["step"] == len(steps)  # the checkpoint is after the last step
     assert f"-P resume={run_id}" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("after", [1.5, 3.0])
+def test_a_sigterm_at_any_moment_ends_the_run_mlflow_run_opened_killed_never_running(
+        tracking_store, after):
+    # `mlflow run` opens the run before our process starts. A SIGTERM while the process
+    # imports, prepares the data or trains (wherever `after` seconds land) must end that run
+    # KILLED: Python's default for SIGTERM would end the process and leave it RUNNING.
+    store = tracking_store
+    run_id = store.client.create_run(store.client.create_experiment("sigterm")).info.run_id
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "train", *TINY, "--epochs", "50",
+         "--num-workers", "2"],
+        cwd=store.dir, env=subprocess_env(store, MLFLOW_RUN_ID=run_id,
+                                          MLFLOW_EXPERIMENT_NAME="sigterm"),
+        text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    time.sleep(after)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-3000:]
+    run = store.client.get_run(run_id)
+    assert run.info.status == "KILLED", err[-3000:]
+    assert "SIGTERM" in run.data.tags[names.ERROR_TAG]
 
 
 # --- 4. numerical faults ---------------------------------------------------------------------
