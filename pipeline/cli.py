@@ -221,9 +221,10 @@ def main() -> None:
         # click's Abort, or as a C extension's SystemError ("returned a result with an
         # exception set"); the interrupt is in its chain.
         interrupt = _interrupt_behind(e)
-        if interrupt is None and not isinstance(e, click.exceptions.Abort):
-            raise
-        _interrupted(interrupt or KeyboardInterrupt())
+        if interrupt is None:
+            # click also turns EOFError into Abort: that one is an error, shown as itself.
+            raise (e.__cause__ or e) if isinstance(e, click.exceptions.Abort) else e
+        _interrupted(interrupt)
 
 
 def _interrupt_behind(e: BaseException) -> KeyboardInterrupt | None:

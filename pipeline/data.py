@@ -389,11 +389,17 @@ def _interrupted(signum, frame):
 
 
 def _worker_signals(worker_id: int) -> None:
-    """A loader worker ends on SIGTERM as it does on SIGINT: quietly (PyTorch's worker loop
-    takes KeyboardInterrupt to mean "the main process stops too"). A signal sent to the
-    whole process group (`timeout`, `kill -- -PGID`, a scheduler's preemption) then leaves
-    the main process to stop after its step, checkpoint and end the run KILLED; a worker
-    killed by it would instead fail the run ("DataLoader worker ... exited unexpectedly")."""
+    """Signals meant for the run reach the main process, which stops after its step,
+    checkpoints and ends the run KILLED; a loader worker killed by one would fail the run
+    instead ("DataLoader worker ... exited unexpectedly"), and a worker that quits on one
+    leaves a test pass or the data preparation without its images.
+
+    So each worker leaves the process group: signals sent to the group (Ctrl-C in a
+    terminal, `timeout`, `kill -- -PGID`) no longer reach it, and the main process shuts it
+    down as usual. A SIGTERM sent to the worker itself (a scheduler that signals every
+    process) ends it quietly, as SIGINT does (PyTorch's worker loop takes KeyboardInterrupt
+    to mean "the main process stops too")."""
+    os.setpgrp()
     signal.signal(signal.SIGTERM, _interrupted)
 
 
