@@ -384,7 +384,7 @@ def _free_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def _interrupted(signum, frame):
+def _sigterm_as_sigint(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
@@ -400,7 +400,7 @@ def _worker_signals(worker_id: int) -> None:
     process) ends it quietly, as SIGINT does (PyTorch's worker loop takes KeyboardInterrupt
     to mean "the main process stops too")."""
     os.setpgrp()
-    signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGTERM, _sigterm_as_sigint)
 
 
 def _decoded_batches(dataset: Dataset, workers: int):

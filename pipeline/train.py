@@ -647,8 +647,15 @@ class Training:
             self.checkpoint_due = True
 
     def log_engine(self) -> None:
-        _log_engine(self.tracker, self.step_fn, self.channels_last, self.cfg.precision,
-                    self.progress)
+        """What the step turned out to be (captured, or eager and why); said once."""
+        step_fn, status = self.step_fn, self.step_fn.status
+        self.tracker.set_tags({
+            names.GRAPH_TAG: status.mode, names.GRAPH_REASON_TAG: status.reason,
+            names.CHANNELS_LAST_TAG: str(self.channels_last).lower(),
+            names.WEIGHT_CASTS_TAG: "none" if self.cfg.precision != "bf16" else
+            "once" if step_fn.cast is not None else "per-op"})
+        if status.mode == "eager" and step_fn.want_graph:
+            self.progress.write(f"note: CUDA graph not used ({status.reason}); training eagerly")
         self.engine_logged = True
 
     def stop(self) -> bool:  # host flags only: no device sync
@@ -727,18 +734,6 @@ def _global_counts(comm: distributed.Comm, correct: torch.Tensor, seen: int,
     comm.sum_(counts)
     correct, seen = counts.tolist()
     return int(correct), int(seen)
-
-
-def _log_engine(tracker: Tracker, step_fn: engine.Step, channels_last: bool, precision: str,
-                progress: Progress) -> None:
-    """What the first step turned out to be (captured, or eager and why); said once."""
-    status = step_fn.status
-    tracker.set_tags({names.GRAPH_TAG: status.mode, names.GRAPH_REASON_TAG: status.reason,
-                      names.CHANNELS_LAST_TAG: str(channels_last).lower(),
-                      names.WEIGHT_CASTS_TAG: "none" if precision != "bf16" else
-                      "once" if step_fn.cast is not None else "per-op"})
-    if status.mode == "eager" and step_fn.want_graph:
-        progress.write(f"note: CUDA graph not used ({status.reason}); training eagerly")
 
 
 def _log_artifacts(cfg, tracker, gradients, summary, data) -> None:
