@@ -82,9 +82,12 @@ def check_layers(model: nn.Module, names: tuple[str, ...], image_size: int,
     modules.pop("", None)  # the model itself has no name to probe
     for name in names:
         if name not in modules:
+            # The model has dozens to hundreds of modules: name the nearest few, not all.
             close = difflib.get_close_matches(name, modules.keys(), n=5, cutoff=0.5)
-            hint = f"closest: {', '.join(close)}" if close else f"e.g. {', '.join(list(modules)[:5])}"
-            raise ConfigError("layers", f"{name!r} is not a module of this model; {hint}")
+            hint = (f"closest: {', '.join(close)}" if close
+                    else f"first in the model: {', '.join(list(modules)[:5])}")
+            raise ConfigError("layers", f"{name!r} is not a module of this model; allowed: auto, "
+                                        f"all, or its module names ({hint})")
     if weights:
         bare = [n for n in names if not list(modules[n].parameters(recurse=False))]
         if bare:

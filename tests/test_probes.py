@@ -253,6 +253,7 @@ def test_unknown_layer_is_refused_with_the_closest_module_names():
     assert message.startswith("layers:")
     assert "'layer1.0.conv'" in message
     assert "layer1.0.conv1" in message
+    assert "allowed: auto, all, or its module names" in message
     assert "\n" not in message
 
 
@@ -260,8 +261,11 @@ def test_unknown_layer_far_from_any_module_is_still_refused_with_examples():
     model = build_model("resnet50", skip=False)
     with pytest.raises(ConfigError) as excinfo:
         check_layers(model, ("zzzz",), IMAGE_SIZE)
-    assert str(excinfo.value).startswith("layers:")
-    assert "zzzz" in str(excinfo.value)
+    message = str(excinfo.value)
+    assert message.startswith("layers:")
+    assert "zzzz" in message
+    assert "allowed: auto, all, or its module names" in message
+    assert "conv1" in message  # the model's first modules, as examples
 
 
 def test_downsample_conv_that_never_runs_with_skip_off_is_refused():
