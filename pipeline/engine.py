@@ -277,6 +277,7 @@ class Step:
         moments = {p: {k: t.clone() for k, t in st.items() if torch.is_tensor(t)}
                    for p, st in self.optimizer.state.items()}
         static = (x.clone(), y.clone())
+        stream = torch.cuda.current_stream()
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -297,6 +298,9 @@ class Step:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._body(*static)
         except RuntimeError as e:  # an op that cannot be captured, say
+            # torch.cuda.graph's __exit__ puts the stream back only after capture_end, which
+            # raises on an invalidated capture: the eager steps would run on its stream.
+            torch.cuda.set_stream(stream)
             self._graph = None
             self.status = GraphStatus("eager", f"capture failed: {str(e).splitlines()[0][:200]}")
             self.cast = None  # eagerly, autocast's own casts (casts_weights_once): same numbers
