@@ -17,7 +17,9 @@ Two ways to batch them (``data_path``), with the same order and the same pixels:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import hashlib
 import math
 import os
@@ -107,6 +109,7 @@ class Data:
     path: str = "dataloader"   # the resolved data_path
     resize: str = "PIL per image, in loader workers (the notebook's)"
     dropped_per_epoch: int = 0  # images of the last, partial batch no rank trains on (DDP)
+    reused: bool = False  # the device splits were prepared by an earlier run (keep_prepared)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -379,6 +382,11 @@ def pil_resize(images: torch.Tensor, size: int, out: torch.Tensor | None = None)
 
 def _free_bytes(device: torch.device) -> int:
     if device.type == "cuda":
+        # An earlier run of this process (`all`, `sweep`) may have left its memory in the
+        # caching allocator, where the driver counts it as used, or in reference cycles
+        # (a CUDA graph and its private pool). Free both first: ~0.1 s, once per run.
+        gc.collect()
+        torch.cuda.empty_cache()
         return torch.cuda.mem_get_info(device)[0]
     import psutil
     return psutil.virtual_memory().available
@@ -506,6 +514,57 @@ RESIZE_NOTES = {
 }
 
 
+# The device splits kept between the runs of one `all` or `sweep` (``keep_prepared``):
+# split name -> (key, (images, labels, how)). None outside keep_prepared: a run started on
+# its own frees its splits when it ends.
+_kept: dict | None = None
+
+
+@contextlib.contextmanager
+def keep_prepared():
+    """Inside, a split prepared on the device is kept, and a later run with the same images
+    (the lineage digest, the same subset), image size and device takes it instead of
+    decoding and resizing again: `all` prepares CIFAR-10 once for both variants, `sweep`
+    once for all its cells. In the last H200 run, before the resize moved to the device,
+    it took ~13 s per variant (BENCHMARKS.md) of an experiment whose target is 6 minutes. A kept split is the same tensor every run
+    reads (batches gather copies; nothing writes into it), so the pixels are those a fresh
+    preparation gives. One split of each kind is kept: a run with other data drops the
+    kept one before preparing its own, so device memory never holds two. Nests."""
+    global _kept
+    outer = _kept
+    if outer is None:
+        _kept = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _kept = None
+
+
+def _index_digest(dataset: Dataset) -> str | None:
+    """Which images of the underlying split ``dataset`` holds, in order (None: all)."""
+    indices = None
+    while isinstance(dataset, Subset):
+        outer = range(len(dataset)) if indices is None else indices
+        indices = [dataset.indices[i] for i in outer]
+        dataset = dataset.dataset
+    return None if indices is None else _digest(np.asarray(indices, dtype=np.int64).tobytes())
+
+
+def _take_kept(keys: dict) -> dict:
+    """The kept splits whose keys match; the others are dropped."""
+    if _kept is None:
+        return {}
+    for split in [s for s, (key, _) in _kept.items() if keys.get(s) != key]:
+        del _kept[split]
+    return {split: _kept[split][1] for split in keys if split in _kept}
+
+
+def _keep(split: str, key: tuple, prepared: tuple) -> None:
+    if _kept is not None:
+        _kept[split] = (key, prepared)
+
+
 def resolve_data_path(cfg: Config, device: torch.device) -> str:
     if cfg.data_path == "auto":
         return "device" if device.type == "cuda" else "dataloader"
@@ -542,17 +601,24 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1,
     dropped = len(train) - sum(b - a for a, b in global_batches(len(train), cfg.batch_size,
                                                                 world_size))
     if resolve_data_path(cfg, device) == "device":
+        keys = {split: (entry.digest, _index_digest(ds), cfg.image_size, str(device))
+                for split, entry, ds in (("train", lineage[0], train), ("test", lineage[1], test))}
+        ready = _take_kept(keys)  # before measuring what is free: it drops what will not serve
+        reused = len(ready) == len(keys)
         # Half of what is free: the network, its activations and the graph pool need the rest.
-        budget = _free_bytes(device) // 2
-        x_train, y_train, how = to_device(train, cfg.image_size, device, workers, budget)
-        x_test, y_test, _ = to_device(test, cfg.image_size, device, workers,
-                                      budget - x_train.numel())
+        budget = _free_bytes(device) // 2 if not reused else 0
+        for split, ds in (("train", train), ("test", test)):
+            if split not in ready:
+                ready[split] = to_device(ds, cfg.image_size, device, workers, budget)
+                budget -= ready[split][0].numel()
+                _keep(split, keys[split], ready[split])
+        (x_train, y_train, how), (x_test, y_test, _) = ready["train"], ready["test"]
         return Data(
             train=DeviceBatches(x_train, y_train, cfg.batch_size, cfg.image_size, order,
                                 rank, world_size),
             test=DeviceBatches(x_test, y_test, max(cfg.batch_size, EVAL_BATCH), cfg.image_size),
             source=source, lineage=lineage, path="device", resize=RESIZE_NOTES[how], order=order,
-            dropped_per_epoch=dropped)
+            dropped_per_epoch=dropped, reused=reused)
     common = dict(batch_size=cfg.batch_size, num_workers=workers,
                   pin_memory=device.type == "cuda",  # lets the host->device copy run async
                   persistent_workers=workers > 0, worker_init_fn=_worker_signals)

@@ -48,6 +48,7 @@ WEIGHT_CASTS_TAG = "engine.weight_casts"       # bf16: "once" (per step, engine.
 DATA_PATH_TAG = "data.path"                    # "dataloader" | "device"
 DATA_RESIZE_TAG = "data.resize"                # how images were resized, vs. the notebook's PIL
 DATA_DROPPED_TAG = "data.dropped_per_epoch"    # images of a last batch that does not split over the ranks
+DATA_REUSED_TAG = "data.reused"                # "true": the device splits an earlier run of this all/sweep prepared
 WORLD_SIZE_PARAM = "world_size"                # param: processes training (nproc_per_node x nnodes)
 DDP_FAILED_RANK_TAG = "ddp.failed_rank"        # the rank whose failure ended a DDP run
 

@@ -24,7 +24,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from . import checkpoint, distributed, names, plots, query, tracking, train
+from . import checkpoint, data, distributed, names, plots, query, tracking, train
 from .config import (SWEEP_GRID_FIELDS, Config, SweepConfig, UserError, cell_name,
                      to_params)
 from .tracking import Tracker
@@ -80,16 +80,17 @@ def run_sweep(cfg: Config, opts: SweepConfig) -> str:
         if opts.parallel > 1:
             _train_in_processes(todo, parent, experiment_id, opts.parallel)
         else:
-            for i, cell in enumerate(todo, 1):
-                click.echo(f"sweep: training {cell.name} ({i}/{len(todo)})", err=True)
-                try:
-                    cell.run_id = train.run(cell.cfg, tags={names.SWEEP_CELL_TAG: cell.name})
-                except Exception:
-                    click.echo(f"sweep: {cell.name} failed; run the sweep again to train what "
-                               "is missing (finished cells are reused)", err=True)
-                    raise
-                parent.set_tags(_cell_tags(cell))
-                _drop_checkpoint(cell)
+            with data.keep_prepared():  # the cells share the data: prepare it once
+                for i, cell in enumerate(todo, 1):
+                    click.echo(f"sweep: training {cell.name} ({i}/{len(todo)})", err=True)
+                    try:
+                        cell.run_id = train.run(cell.cfg, tags={names.SWEEP_CELL_TAG: cell.name})
+                    except Exception:
+                        click.echo(f"sweep: {cell.name} failed; run the sweep again to train "
+                                   "what is missing (finished cells are reused)", err=True)
+                        raise
+                    parent.set_tags(_cell_tags(cell))
+                    _drop_checkpoint(cell)
         parent.set_tags({names.SWEEP_RUNS_TAG: ",".join(c.run_id for c in cells),
                          names.SWEEP_REUSED_TAG: f"{sum(c.reused for c in cells)}/{len(cells)}"})
 

@@ -256,6 +256,7 @@ def _run_with_data(prep: Prepared, comm: distributed.Comm, tags, data,
             names.DEVICE_TAG: str(device), names.STEPS_PER_EPOCH_TAG: str(data.steps_per_epoch),
             names.DATA_PATH_TAG: data.path, names.DATA_RESIZE_TAG: data.resize,
             names.DATA_DROPPED_TAG: str(data.dropped_per_epoch),
+            names.DATA_REUSED_TAG: str(data.reused).lower(),
             names.CODE_VERSION_TAG: code_version(), **distributed.launch_tags(), **(tags or {}),
         }, experiment_id=experiment_id, system_metrics=cfg.wants_system_metrics(device.type),
             run_id=resume.run_id if resume else None)

@@ -16,10 +16,13 @@ receives the measured differences as JSON (bench/gpu_check.sh sets it).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import gc
 import itertools
 import json
 import logging
 import os
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +142,55 @@ def test_device_data_path_refuses_mixed_size_images_that_do_not_fit_with_a_one_l
     message = str(excinfo.value)
     assert message.startswith("data_path:") and "data_path=dataloader" in message
     assert "\n" not in message
+
+
+def splits(data: data_mod.Data) -> list[torch.Tensor]:
+    return [data.train.images, data.train.targets, data.test.images, data.test.targets]
+
+
+def test_inside_keep_prepared_a_second_run_with_the_same_data_reads_the_same_tensors():
+    cfg = cfg_for(data_path="device", image_size=36)
+    fresh = data_mod.build(cfg, CPU)
+    assert not fresh.reused and data_mod._kept is None  # a run on its own keeps nothing
+    with data_mod.keep_prepared():
+        first = data_mod.build(cfg, CPU)
+        second = data_mod.build(dataclasses.replace(cfg, skip=True, model="resnet18"), CPU)
+    assert not first.reused and second.reused
+    for a, b, c in zip(splits(first), splits(second), splits(fresh), strict=True):
+        assert a is b                # not prepared again
+        assert torch.equal(a, c)     # and what a fresh preparation gives
+    assert second.resize == fresh.resize
+    assert data_mod._kept is None
+
+
+def test_a_run_with_other_data_drops_the_kept_split_before_preparing_its_own():
+    cfg = cfg_for(data_path="device", image_size=36)
+    with data_mod.keep_prepared():
+        first = data_mod.build(cfg, CPU)
+        kept = weakref.ref(first.train.images)
+        del first
+        other = data_mod.build(dataclasses.replace(cfg, image_size=40), CPU)
+        assert not other.reused and other.train.images.shape[-1] == 40
+        gc.collect()
+        assert kept() is None  # device memory never holds both sets
+    assert data_mod._kept is None
+
+
+def test_a_changed_test_sample_is_prepared_again_while_the_training_split_is_reused(tmp_path):
+    # A smoke run (max_steps) tests on a seeded sample of the test split: another seed,
+    # other images, although the folder is the same.
+    make_image_folder(tmp_path, per_class={"train": 2, "test": 2}, size=(20, 24))
+    cfg = cfg_for(dataset="imagefolder", data_dir=tmp_path, data_path="device", max_steps=1,
+                  batch_size=4, seed=1)
+    with data_mod.keep_prepared():
+        first = data_mod.build(cfg, CPU)
+        second = data_mod.build(dataclasses.replace(cfg, seed=2), CPU)
+    fresh = data_mod.build(dataclasses.replace(cfg, seed=2), CPU)
+    assert second.train.images is first.train.images
+    assert not second.reused  # the tag speaks for both splits
+    assert not torch.equal(second.test.targets, first.test.targets)
+    assert torch.equal(second.test.images, fresh.test.images)
+    assert torch.equal(second.test.targets, fresh.test.targets)
 
 
 @needs_cuda
@@ -535,6 +587,49 @@ def test_a_steady_state_step_never_synchronises_the_host(precision):
     assert sum(c is not None for c in chunks) >= 3
     values = np.concatenate([c.values() for c in chunks if c is not None])
     assert values.shape[0] == 24 and np.isfinite(values).all()
+
+
+class SyncsOnTheHost(nn.Module):
+    """A forward pass that reads a device value on the host, which a capture refuses."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        x = self.conv1(x).relu()
+        if x.sum() > 0:  # .item(): a host sync
+            x = x * 1
+        return self.fc(x.mean((2, 3)))
+
+
+@needs_cuda
+def test_a_step_that_cannot_be_captured_falls_back_to_eager_with_the_reason_on_the_callers_stream():
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = SyncsOnTheHost().to(device)
+    reference = SyncsOnTheHost().to(device)
+    reference.load_state_dict(model.state_dict())
+    x = torch.rand(8, 3, 16, 16, device=device)
+    y = torch.randint(0, 10, (8,), device=device)
+    steps = {}
+    for name, net, graph in (("fallback", model, True), ("eager", reference, False)):
+        step = engine.Step(net, engine.make_optimizer("adam", net.parameters(), 1e-3, True),
+                           None, contextlib.nullcontext, device, graph=graph)
+        stream = torch.cuda.current_stream()
+        losses = []
+        for _ in range(4):
+            step(x, y)
+            losses.append(step.loss.clone())
+        assert torch.cuda.current_stream() == stream
+        steps[name] = (step, torch.stack(losses))
+    status = steps["fallback"][0].status
+    assert status.mode == "eager" and status.reason.startswith("capture failed"), status
+    # Warm-up undone: the fallback trained exactly the steps the eager run did.
+    assert torch.equal(steps["fallback"][1], steps["eager"][1])
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 @needs_cuda

@@ -25,7 +25,8 @@ from runs_helpers import (REPO_ROOT, TINY_TRAIN, Store, deactivate_store, descri
 from runs_helpers import run_pipeline as run_in_store
 from conftest import describe_process, run_pipeline
 
-TINY = dict(TINY_TRAIN, epochs=1, max_steps=4)
+# data_path=device on the CPU: the cells share one prepared copy of the data.
+TINY = dict(TINY_TRAIN, epochs=1, max_steps=4, data_path="device")
 GRID = dict(models="resnet18,vgg19", skips="false,true", batch_norms="false")
 CELLS = ["resnet18-noskip-nobn", "resnet18-skip-nobn", "vgg19-noskip-nobn"]
 FIELD_NAMES = {f.name for f in config.fields()}
@@ -222,6 +223,8 @@ def test_a_sweep_trains_each_grid_cell_as_a_child_of_one_parent_run(first_sweep)
         assert run.data.tags[names.SWEEP_CELL_TAG] == cell
         assert tags[names.sweep_run_tag(cell)] == run_id
         assert tags[names.sweep_reused_tag(cell)] == "false"
+        # The data was prepared for the first cell and read by the others.
+        assert run.data.tags[names.DATA_REUSED_TAG] == str(cell != CELLS[0]).lower()
         model, variant, bn = cell.split("-")
         assert (run.data.params["model"], run.data.tags["variant"],
                 run.data.params["batch_norm"]) == (model, variant, "false")

@@ -20,7 +20,8 @@ from runs_helpers import (TINY_TRAIN, Store, deactivate_store, describe, new_sto
 pytestmark = pytest.mark.slow
 
 # Each field differs from Config's default, so a dropped option would show as a default.
-TINY = dict(TINY_TRAIN, max_steps=6, seed=3, lr=0.002, synthetic_size=24)
+# data_path=device on the CPU: the variants share one prepared copy of the data.
+TINY = dict(TINY_TRAIN, max_steps=6, seed=3, lr=0.002, synthetic_size=24, data_path="device")
 CFG = Config(**TINY)
 STEPS_PER_EPOCH = math.ceil(CFG.synthetic_size / CFG.batch_size)  # 3
 STEPS = min(CFG.max_steps, CFG.epochs * STEPS_PER_EPOCH)           # 6
@@ -90,6 +91,17 @@ def test_all_creates_a_parent_run_with_two_training_children_and_a_compare_child
     assert {f.path for f in first_all.store.client.list_artifacts(tags["all.compare_run"],
                                                                  "comparison")} >= {
         "comparison/summary.md", "comparison/gradient_norms.png"}
+
+
+def test_all_prepares_the_device_data_once_for_both_variants(first_all):
+    tags, runs = first_all.parent.data.tags, first_all.runs
+    noskip, skip = runs[tags["all.noskip_run"]], runs[tags["all.skip_run"]]
+    assert noskip.data.tags[names.DATA_PATH_TAG] == skip.data.tags[names.DATA_PATH_TAG] == "device"
+    assert noskip.data.tags[names.DATA_REUSED_TAG] == "false"
+    assert skip.data.tags[names.DATA_REUSED_TAG] == "true"
+    # Same data: the datasets' digests logged by both runs agree.
+    digests = [sorted(d.dataset.digest for d in r.inputs.dataset_inputs) for r in (noskip, skip)]
+    assert digests[0] == digests[1] and len(digests[0]) == 2
 
 
 def test_all_passes_training_params_through_to_both_variants(first_all):
