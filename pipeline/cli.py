@@ -65,11 +65,12 @@ def _dispatch(action):
 def _interrupted(e: KeyboardInterrupt):
     """Ctrl-C or SIGTERM (``Terminated``): the run ended KILLED, one line, exit 130 / 143."""
     if not distributed.follower():
-        reason = f"interrupted: {e or 'Ctrl-C'}"
+        reason = f"interrupted: {str(e) or 'Ctrl-C'}"  # a bare KeyboardInterrupt says ""
         if os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run`'s run, not taken over yet
             from .tracking import end_if_running  # mlflow only on this path; no torch
             end_if_running(os.environ["MLFLOW_RUN_ID"], "KILLED", reason)
-        click.echo(f"{reason}; a run that had started was ended as KILLED", err=True)
+        # It may have come before any run opened (imports, a server still being waited for).
+        click.echo(f"{reason}; any run already started was ended as KILLED", err=True)
     sys.exit(128 + getattr(e, "signum", 2))  # the shell's convention: 130 SIGINT, 143 SIGTERM
 
 

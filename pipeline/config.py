@@ -176,7 +176,7 @@ class Config:
 
     # ------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
-        # The one rule across fields; dataclasses.replace checks it too (the `all` variants).
+        # The rules across fields; dataclasses.replace checks them too (the `all` variants).
         if self.skip and self.model in MODELS_WITHOUT_SKIP:
             raise no_skip_error(self.model)
         world = self.world_size
@@ -191,6 +191,12 @@ class Config:
             if self.device == "mps":
                 raise ConfigError("device", "mps has no DDP backend here; allowed with "
                                             "nproc_per_node > 1: auto, cpu, cuda")
+        if self.registered_name and not self.wants_model:  # else it would register nothing
+            why = (f"auto, which logs it only for full runs, and max_steps is {self.max_steps}"
+                   if self.log_model == "auto" else self.log_model)
+            raise ConfigError("register_as", f"{self.register_as!r} registers the logged model, "
+                                             f"but log_model is {why}; allowed: none, or add "
+                                             "-P log_model=true")
         if self.nnodes > 1 and self.rdzv_endpoint_or_none is None:
             raise ConfigError("rdzv_endpoint", f"none, but nnodes is {self.nnodes}: give the "
                                                "host:port every node can reach (the same on each)")

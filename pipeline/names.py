@@ -54,6 +54,7 @@ DDP_FAILED_RANK_TAG = "ddp.failed_rank"        # the rank whose failure ended a 
 
 RESUMED_INTO_TAG = "resume.continued_in"       # on the run `mlflow run -P resume=ID` opened
 RESUMED_AT_TAG = "resume.from_step"            # on a resumed run: the checkpoint's step
+RESUMED_ERROR_TAG = "resume.previous_error"    # on a resumed run: the error tag its stop left
 CHECKPOINT_TAG = "checkpoint.path"             # the run's last checkpoint on local disk
 NONFINITE_COUNT_TAG = "nonfinite.count"        # NaN/Inf values among the losses and norms
 NONFINITE_FIRST_TAG = "nonfinite.first"        # "<key> at step <n>" of the first one

@@ -87,6 +87,7 @@ def check_experiment(experiment: str) -> str | None:
     check_access()  # the first call of a run to the server: credentials are checked here
     pending = os.environ.get("MLFLOW_RUN_ID")
     if not pending:
+        _refuse_unusable(experiment)
         return None
     client = MlflowClient()
     exp_id = client.get_run(pending).info.experiment_id
@@ -96,6 +97,36 @@ def check_experiment(experiment: str) -> str | None:
                                         f"experiment {name!r}; choose it there: mlflow run . "
                                         f"--experiment-name {experiment} ...")
     return exp_id
+
+
+def _refuse_unusable(experiment: str) -> None:
+    """A deleted experiment (MLflow refuses its runs with a traceback), or an
+    MLFLOW_EXPERIMENT_ID that names none (MLflow would create an experiment *named* after
+    the number, splitting the runs off where nobody looks)."""
+    from . import query
+    from .config import AUTO, ConfigError
+
+    # A SQLite store that is not there yet holds no experiment; reading it would create it
+    # (MLflow makes its tables at the first connection), for a run that may yet be refused.
+    found = None if _absent_sqlite(mlflow.get_tracking_uri()) else query.find_experiment(experiment)
+    if found is not None and found.lifecycle_stage == "deleted":
+        raise ConfigError("experiment", f"{found.name!r} (ID {found.experiment_id}) is deleted; "
+                                        "restore it (mlflow experiments restore --experiment-id "
+                                        f"{found.experiment_id}) or name another")
+    env_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if found is None and experiment == AUTO and env_id:
+        raise ConfigError("experiment", f"MLFLOW_EXPERIMENT_ID={env_id} names no experiment in "
+                                        f"{mlflow.get_tracking_uri()}; allowed: an existing "
+                                        "experiment's ID, or unset it and name one with "
+                                        "-P experiment=NAME")
+
+
+def _absent_sqlite(uri: str) -> bool:
+    if not uri.startswith("sqlite:"):
+        return False
+    from sqlalchemy.engine import make_url
+    database = make_url(uri).database
+    return bool(database) and database != ":memory:" and not os.path.exists(database)
 
 
 def use_experiment(experiment: str) -> str:
@@ -251,11 +282,25 @@ def _access_error(error: BaseException, uri: str) -> TrackingError | None:
 _ACCESS_CHECKED: set[str] = set()
 
 
+def _refuse_file_store(uri: str) -> None:
+    """MLflow 3 refuses its old file store (a folder or file: URI) with a paragraph inside
+    a traceback, at the first call; here it is one line, before any data work."""
+    from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+
+    scheme = urllib.parse.urlparse(uri).scheme
+    if (scheme == "file" or len(scheme) <= 1) and not MLFLOW_ALLOW_FILE_STORE.get():
+        raise TrackingError(f"tracking: MLFLOW_TRACKING_URI={uri} is MLflow's file store, which "
+                            f"MLflow {mlflow.__version__} refuses; allowed: sqlite:///mlflow.db "
+                            "(the default when it is unset), another database URI, or "
+                            "http(s)://HOST:PORT (MLFLOW_ALLOW_FILE_STORE=true opts back in)")
+
+
 def check_access() -> None:
     """One cheap authenticated read of a tracking server (not of a local store), so that a
     missing or wrong credential stops a run with one line before any data or device work.
     MLflow's own retries apply here: a server that is still starting is waited for."""
     uri = mlflow.get_tracking_uri()
+    _refuse_file_store(uri)
     if not uri.startswith(("http://", "https://")) or uri in _ACCESS_CHECKED:
         return
     try:
@@ -463,6 +508,11 @@ def _apply(client: MlflowClient, run_id: str, record: dict, base: Path | None = 
         return len(points)
     if op == "tags":
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
+        for key in record.get("delete", ()):
+            try:
+                client.delete_tag(run_id, key)
+            except MlflowException:
+                pass  # already gone (a replay of this record)
     elif op == "artifact":
         client.log_artifact(run_id, str(base / record["file"]), record["folder"] or None)
     elif op == "datasets":
@@ -842,7 +892,7 @@ class Silent:
     def __init__(self, keys=None):
         self._keys = []
 
-    def set_tags(self, tags): pass
+    def set_tags(self, tags, delete=()): pass
     def set_note(self, text, full_text_at=()): pass
     def stream(self, keys, on_values=None, history=None): pass
     def submit(self, chunk): pass
@@ -932,10 +982,13 @@ class Tracker:
         for i in range(0, len(new), MAX_PARAMS_PER_CALL):
             self.client.log_batch(self.run_id, params=new[i:i + MAX_PARAMS_PER_CALL])
 
-    def set_tags(self, tags: dict[str, str]) -> None:
+    def set_tags(self, tags: dict[str, str], delete: tuple[str, ...] = ()) -> None:
         """While points stream, the writer thread sends them (in order with the points), so
-        the training loop never waits for the server; otherwise now (or into the spool)."""
+        the training loop never waits for the server; otherwise now (or into the spool).
+        ``delete``: tags to remove, after setting ``tags``."""
         record = {"op": "tags", "tags": {k: redact(str(v)) for k, v in tags.items()}}
+        if delete:
+            record["delete"] = list(delete)
         if self._writer is not None and self._writer.is_alive():
             self._writer.queue.put(("record", record, None))
         else:

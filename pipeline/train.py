@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -169,6 +170,10 @@ def preflight(cfg: Config, world: distributed.World = distributed.World()) -> Pr
     """Everything cheap that can refuse the input, before any download, device work or
     process start. Ranks other than 0 skip the MLflow reads."""
     device = distributed.Comm.device_for(world, resolve_device(cfg.device))
+    folder = Path(cfg.checkpoint_dir)
+    if folder.exists() and not folder.is_dir():  # found at the first checkpoint otherwise
+        raise ConfigError("checkpoint_dir", f"{folder.resolve()} is a file; allowed: a folder, "
+                                            "created if missing")
     if (cfg.world_size > 1 and device.type == "cuda" and cfg.nnodes == 1
             and torch.cuda.device_count() < cfg.nproc_per_node):
         count = torch.cuda.device_count()
@@ -176,22 +181,31 @@ def preflight(cfg: Config, world: distributed.World = distributed.World()) -> Pr
                                             f"GPU(s); allowed: 1 to {count}, or -P device=cpu")
     # DDP runs eagerly: its gradient all_reduce hooks are not captured (graph=on is refused).
     use_graph = resolve_graph(cfg, device) and cfg.world_size == 1
-    torch.manual_seed(cfg.seed)  # the init draws, in the notebook's module order
-    model = build_model(cfg.model, skip=cfg.skip, batch_norm=cfg.batch_norm, init=cfg.init)
-    layers = resolve_layers(cfg, model)
-    check_layers(model, layers, cfg.image_size, weights=cfg.probes_weights)
-    # The params stay as given (`mlflow run` has logged `layers=auto` already); everything
-    # below sees the concrete names, which the layers.resolved tag records.
-    params, cfg = cfg.to_params(), dataclasses.replace(cfg, layers=layers)
+    if not cfg.resume_id:  # the model and layer checks first: they need no server
+        model, resolved = _model_for(cfg)
     resume = None
     if world.main:
         tracking.check_experiment(cfg.experiment)
         resume = find_resume_point(cfg) if cfg.resume_id else None
     elif cfg.resume_id:
         resume = resume_point_from_file(cfg)
-    if resume is not None:  # the run goes on exactly as it was configured
-        params, cfg = resume.params, resume.cfg
-    return Prepared(cfg, params, device, use_graph, model, resume)
+    if resume is None:
+        # The params stay as given (`mlflow run` has logged `layers=auto` already).
+        return Prepared(resolved, cfg.to_params(), device, use_graph, model, None)
+    # A resumed run goes on exactly as it was configured: its own network (skip, batch_norm),
+    # not this launch's defaults, which `mlflow run -P resume=ID` passes for every param.
+    model, resolved = _model_for(resume.cfg)
+    return Prepared(resolved, resume.params, device, use_graph, model, resume)
+
+
+def _model_for(cfg: Config) -> tuple[nn.Module, Config]:
+    """The freshly initialised model, and ``cfg`` with its probed layers resolved to the
+    concrete names (which the layers.resolved tag records); refuses layers it lacks."""
+    torch.manual_seed(cfg.seed)  # the init draws, in the notebook's module order
+    model = build_model(cfg.model, skip=cfg.skip, batch_norm=cfg.batch_norm, init=cfg.init)
+    layers = resolve_layers(cfg, model)
+    check_layers(model, layers, cfg.image_size, weights=cfg.probes_weights)
+    return model, dataclasses.replace(cfg, layers=layers)
 
 
 def run(cfg: Config, tags: dict[str, str] | None = None) -> str | None:
@@ -294,11 +308,12 @@ class ResumePoint:
     path: object        # the checkpoint file
     cfg: Config         # the run's own configuration (its config.json), layers resolved
     params: dict        # ... as logged
+    stale_tags: dict = dataclasses.field(default_factory=dict)  # its stop's error tags
 
 
 def find_resume_point(cfg: Config) -> ResumePoint:
     """The checkpoint of run ``cfg.resume``, checked before any data or device work: the
-    run exists, trained the same model, and left a checkpoint here."""
+    run exists, has steps left to train, and left a checkpoint here."""
     run_id = cfg.resume_id
     try:
         logged = query.run_config(run_id)
@@ -306,15 +321,22 @@ def find_resume_point(cfg: Config) -> ResumePoint:
         raise ConfigError("resume", f"{run_id!r} is not a training run of this project in "
                                     f"{tracking.mlflow.get_tracking_uri()} ({e}); allowed: "
                                     "the ID of a run this project trained, or none") from None
+    run = query.get_run(run_id)
+    if run.info.status == "FINISHED":
+        # It trained every step and logged its artifacts: going on would replace them with
+        # those of the zero steps left (an empty dense record, blank plots).
+        raise ConfigError("resume", f"run {run_id} is FINISHED: it trained all its steps, so "
+                                    "there is nothing to resume; allowed: a run that ended "
+                                    "KILLED or FAILED, or is still RUNNING after its process died")
     original = Config.from_strings(logged)
-    if original.model != cfg.model:
-        raise ConfigError("resume", f"run {run_id} trained model {original.model}, not "
-                                    f"{cfg.model}; resume it with -P model={original.model}")
     path = checkpoint.path_for(cfg.checkpoint_dir, run_id)
     if not path.exists():
         raise ConfigError("resume", f"run {run_id} has no checkpoint at {path}; pass the "
                                     "checkpoint_dir it was trained with")
-    return ResumePoint(run_id, path, _resumed_config(original, cfg), logged)
+    # Why it stopped no longer describes the run once it goes on (kept as resume.previous_error).
+    stale = {k: v for k, v in run.data.tags.items()
+             if k in (names.ERROR_TAG, names.DDP_FAILED_RANK_TAG)}
+    return ResumePoint(run_id, path, _resumed_config(original, cfg), logged, stale)
 
 
 def _resumed_config(original: Config, cfg: Config) -> Config:
@@ -477,7 +499,10 @@ class Training:
             data.order.resume(self.position.order_state, self.position.batch * cfg.batch_size)
             if self.main:
                 history = query.metric_histories(tracker.run_id)
-            tracker.set_tags({names.RESUMED_AT_TAG: str(self.position.step)})
+            previous = {names.RESUMED_ERROR_TAG: resume.stale_tags[names.ERROR_TAG]
+                        } if names.ERROR_TAG in resume.stale_tags else {}
+            tracker.set_tags({names.RESUMED_AT_TAG: str(self.position.step), **previous},
+                             delete=tuple(resume.stale_tags))
         net = comm.wrap(model, device)  # after loading: every rank starts from the same weights
 
         # The buffer never needs more rows than the run has steps.
@@ -714,9 +739,11 @@ def _stop_for_nonfinite(watch: NonFiniteWatch, ckpt_path, tracker: Tracker, prob
         raise _agreed(comm, NumericalError("on_nan=stop: rank 0 saw a NaN/Inf"))
     step, key, value = watch.first
     raise _agreed(comm, NumericalError(
-        f"on_nan=stop: {key} was {value} at step {step}; the last good "
-        f"checkpoint is {ckpt_path} (resume with -P resume={tracker.run_id}, "
-        "or record and go on with -P on_nan=continue)"))
+        # Not "resume": from the last good checkpoint the same settings replay the same
+        # batches into the same NaN, and a resume keeps the run's own lr and on_nan.
+        f"on_nan=stop: {key} was {value} at step {step}; the last good checkpoint is "
+        f"{ckpt_path}; start a new run with a lower lr, or with -P on_nan=continue to "
+        "record the values and go on"))
 
 
 def _agreed(comm: distributed.Comm | None, error: BaseException) -> BaseException:

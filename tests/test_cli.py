@@ -142,3 +142,56 @@ def test_top_level_help_lists_the_train_command(tracking_store):
     proc = run_pipeline(["--help"], cwd=tracking_store.dir)
     assert proc.returncode == 0, describe_process(proc)
     assert "train" in proc.stdout
+
+
+@pytest.mark.parametrize("interrupt, line, code", [
+    (KeyboardInterrupt(), "interrupted: Ctrl-C;", 130),
+    ("terminated", "interrupted: SIGTERM;", 143)])
+def test_an_interrupt_before_any_run_names_its_signal_and_exits_with_the_shells_code(
+        monkeypatch, capsys, interrupt, line, code):
+    from pipeline import cli
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    error = cli.Terminated("SIGTERM") if interrupt == "terminated" else interrupt  # as raised
+    with pytest.raises(SystemExit) as excinfo:
+        cli._interrupted(error)
+    assert excinfo.value.code == code
+    (printed,) = capsys.readouterr().err.splitlines()
+    assert printed.startswith(line), printed
+
+
+# Refused before any data work: cifar10 in a folder that does not exist would otherwise
+# try a download into it.
+NO_DATA = ["--dataset", "cifar10", "--data-dir", "nowhere"]
+
+
+def test_a_deleted_experiment_is_refused_in_one_line_with_how_to_restore_it(tracking_store):
+    client = tracking_store.client
+    client.delete_experiment(client.create_experiment("gone"))
+    proc = run_pipeline(["train", "--experiment", "gone", *NO_DATA], cwd=tracking_store.dir,
+                        store=tracking_store)
+    assert_one_line_refusal(proc, "error: experiment:", "deleted", "mlflow experiments restore")
+    assert not (tracking_store.dir / "nowhere").exists()
+
+
+def test_an_experiment_id_in_the_environment_that_names_none_is_refused_not_created(
+        tracking_store):
+    tracking_store.client.search_experiments()  # the store exists (MLflow logs its creation)
+    proc = run_pipeline(["train", *NO_DATA], cwd=tracking_store.dir, store=tracking_store,
+                        MLFLOW_EXPERIMENT_ID="999")
+    assert_one_line_refusal(proc, "error: experiment:", "MLFLOW_EXPERIMENT_ID=999")
+    assert tracking_store.client.get_experiment_by_name("999") is None
+
+
+def test_mlflows_refused_file_store_is_one_line_naming_the_tracking_uri(tmp_path):
+    proc = run_pipeline(["train", *NO_DATA], cwd=tmp_path,
+                        MLFLOW_TRACKING_URI=(tmp_path / "mlruns").as_uri())
+    assert_one_line_refusal(proc, "error: tracking:", "file store", "sqlite:///mlflow.db")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_checkpoint_dir_that_is_a_file_is_refused_in_one_line(tracking_store):
+    (tracking_store.dir / "afile").write_text("")
+    proc = run_pipeline(["train", "--checkpoint-dir", "afile", *NO_DATA],
+                        cwd=tracking_store.dir, store=tracking_store)
+    assert_one_line_refusal(proc, "error: checkpoint_dir:", "is a file")
+    assert not (tracking_store.dir / "nowhere").exists()

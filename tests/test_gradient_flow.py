@@ -272,8 +272,11 @@ def test_a_resumed_run_has_the_dense_artifact_of_the_steps_since_the_resume(trac
     monkeypatch.setattr(progress.Progress, "step", step)
     client = MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("gradient-flow").experiment_id])
+    stopped_by = run.data.tags[names.ERROR_TAG]
     train.run(Config(resume=run.info.run_id, model="resnet18", device="cpu"))
     tags = client.get_run(run.info.run_id).data.tags
+    # FINISHED now: the stop's reason is history, not an error of the run.
+    assert names.ERROR_TAG not in tags and tags[names.RESUMED_ERROR_TAG] == stopped_by
     dense = _load_npz(client, run.info.run_id, tmp_path)
     assert dense["steps"].tolist() == list(range(int(tags[names.RESUMED_AT_TAG]), 4))
     assert 0 < len(dense["steps"]) < 4
@@ -287,8 +290,10 @@ def test_resuming_a_run_that_reached_max_steps_trains_no_further_step(tracking_s
     from pipeline import train
 
     run_id = train.run(Config(model="resnet18", **{**TINY, "max_steps": 3}))
-    train.run(Config(resume=run_id, model="resnet18", device="cpu"))
     client = MlflowClient()
+    # As if stopped after its last step, before it ended (a FINISHED run is refused).
+    client.set_terminated(run_id, "KILLED")
+    train.run(Config(resume=run_id, device="cpu"))
     steps = {key: sorted(m.step for m in client.get_metric_history(run_id, key))
              for key in (names.TRAIN_LOSS, names.EPOCH_SECONDS)}
     assert steps == {names.TRAIN_LOSS: [0, 1, 2], names.EPOCH_SECONDS: [0]}

@@ -155,6 +155,19 @@ def test_log_model_accepts_auto_and_any_boolean_spelling_and_refuses_the_rest():
     assert e.value.param == "log_model"
 
 
+@pytest.mark.parametrize("values", [{"max_steps": "2"}, {"log_model": "false"}],
+                         ids=["smoke-run-auto", "log-model-false"])
+def test_register_as_without_a_logged_model_is_refused_naming_register_as(values):
+    with pytest.raises(ConfigError) as excinfo:
+        Config.from_strings({"register_as": "gf", **values})
+    message = str(excinfo.value)
+    assert message.startswith("register_as:") and "log_model=true" in message
+    assert "\n" not in message
+    # Asking for the model too is what it takes.
+    fixed = Config.from_strings({"register_as": "gf", **values, "log_model": "true"})
+    assert fixed.registered_name == "gf" and fixed.wants_model
+
+
 def test_register_as_defaults_to_none_which_means_no_registered_name():
     assert Config().register_as == "none"
     assert Config().registered_name is None

@@ -14,6 +14,7 @@ import sys
 import time
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,9 +90,13 @@ def final_weights(store, run_id: str) -> dict[str, torch.Tensor]:
 
 # --- 1. checkpoints and resume -----------------------------------------------------------
 @pytest.mark.slow
-def test_a_run_killed_mid_epoch_and_resumed_equals_an_uninterrupted_run_bit_for_bit(tracking_store):
+# With skip=true the resume names only the run: it must rebuild the run's own network, not
+# the launch's default (skip=false), which `mlflow run -P resume=ID` would pass.
+@pytest.mark.parametrize("network", [[], ["--skip", "true"]], ids=["noskip", "skip"])
+def test_a_run_killed_mid_epoch_and_resumed_equals_an_uninterrupted_run_bit_for_bit(
+        tracking_store, network):
     store = tracking_store
-    plan = ["--epochs", "2", "--checkpoint-every", "3"]
+    plan = ["--epochs", "2", "--checkpoint-every", "3", *network]
     proc = run_pipeline(["train", *TINY, *plan], cwd=store.dir, store=store, timeout=300)
     assert proc.returncode == 0, describe_process(proc)
     (reference,) = all_runs(store.client)
@@ -128,19 +133,28 @@ def test_resume_of_an_unknown_run_is_one_line_naming_resume_before_any_data_work
 
 
 @pytest.mark.slow
-def test_resume_of_a_run_of_another_model_is_refused_naming_both_models(tracking_store):
-    proc = run_pipeline(["train", *TINY, "--model", "resnet18", "--max-steps", "1"],
+def test_resume_of_a_finished_run_is_refused_in_one_line_and_leaves_the_run_as_it_was(
+        tracking_store):
+    proc = run_pipeline(["train", *TINY, "--model", "resnet18", "--max-steps", "2"],
                         cwd=tracking_store.dir, store=tracking_store, timeout=180)
     assert proc.returncode == 0, describe_process(proc)
     (run,) = all_runs(tracking_store.client)
-    proc = run_pipeline(["train", "--resume", run.info.run_id, "--model", "resnet50",
-                         "--dataset", "cifar10", "--data-dir", "nowhere"],
-                        cwd=tracking_store.dir, store=tracking_store)
+    run_id, client = run.info.run_id, tracking_store.client
+    before = {"metrics": run.data.metrics, "tags": run.data.tags,
+              "norms": client.download_artifacts(run_id, "gradients/norms.npz",
+                                                 str(tracking_store.dir / "before"))}
+    proc = run_pipeline(["train", "--resume", run_id, "--dataset", "cifar10", "--data-dir",
+                         "nowhere"], cwd=tracking_store.dir, store=tracking_store)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: resume:"), describe_process(proc)
-    assert "resnet18" in errors[0] and "resnet50" in errors[0]
+    assert "FINISHED" in errors[0] and "allowed:" in errors[0]
     assert not (tracking_store.dir / "nowhere").exists()
+    after = client.get_run(run_id)
+    assert after.info.status == "FINISHED"
+    assert after.data.metrics == before["metrics"] and after.data.tags == before["tags"]
+    again = client.download_artifacts(run_id, "gradients/norms.npz", str(tracking_store.dir / "after"))
+    assert Path(again).read_bytes() == Path(before["norms"]).read_bytes()
 
 
 # --- 2. interruption ---------------------------------------------------------------------------
