@@ -20,10 +20,15 @@ median norm of the run's output-side probed layer (``fc`` by default) over the s
 
 Weight-gradient norms get the same rule, relative to the output-side layer's weight-gradient
 norm: the thresholds were set for output gradients and are applied to weights unchanged.
+
+The two runs may differ in more than ``skip`` (``runs=latest`` matches the model only):
+every other training parameter that can move the numbers and differs is named on stderr,
+at the top of the summary and in the ``compare.differing_params`` tag; the compare goes on.
 """
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -32,7 +37,8 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 
 from . import names, plots, query
-from .config import AUTO, QUANTITIES as QUANTITY_CHOICES, ConfigError
+from .config import (ALL_LAYERS, AUTO, QUANTITIES as QUANTITY_CHOICES, Config, ConfigError,
+                     fields, format_value)
 from .query import QueryError
 from .tracking import Tracker
 
@@ -200,6 +206,81 @@ def select_runs(experiment: str | None, run_ids: list[str] | None) -> dict[str, 
         model = row.get("params.model") or model
         selected[variant] = query.get_run(row["run_id"])
     return selected
+
+
+# --- what else differs between the two runs ----------------------------------------------------
+# Training parameters that cannot move the compared norms: they say where a run is logged,
+# what it records, how it is kept, or how the same arithmetic is executed. Every other Config
+# field counts, fields added later included: a new parameter is reported until someone
+# decides here that it is inert.
+INERT_PARAMS = frozenset({
+    "skip",                                   # the one difference the comparison is about
+    "experiment",                             # where the run was logged
+    "layers", "probe",                        # what was recorded; compare reads what both hold
+    "num_workers", "data_path",               # the same batches in the same order, bit for bit
+    "graph",                                  # the same kernels, replayed from one capture
+    "channels_last",                          # a memory layout: rounding order at most
+    "flush_every",                            # when the norms are read back, not their values
+    "checkpoint_every", "checkpoint_dir", "resume", "log_checkpoint",
+    "log_model", "register_as", "log_system_metrics",
+    # stop vs continue matters only after a NaN, which the nonfinite.* tags report
+    "on_nan",
+    # DDP: the ranks' count is compared as world_size (the logged param); how they are
+    # spread over machines and where they meet does not reach the arithmetic
+    "nproc_per_node", "nnodes", "rdzv_endpoint",
+})
+
+# Parameters that decide the numbers only beside a value of another: the data folder of an
+# image folder (CIFAR-10 is the same MD5-checked files wherever it lives), the synthetic
+# set's sizes, and how often the non-default layers of layers=all become metrics (the
+# histories compare reads).
+ONLY_WITH = {"data_dir": ("dataset", "imagefolder"),
+             "synthetic_size": ("dataset", "synthetic"),
+             "synthetic_test_size": ("dataset", "synthetic"),
+             "metric_every": ("layers", ALL_LAYERS)}
+
+# `device=auto` is resolved when the run starts; the run's tag has what it resolved to.
+RESOLVED_BY_TAG = {"device": names.DEVICE_TAG}
+
+
+def _param_of(run, name: str):
+    """The parsed value ``name`` had in ``run``, or None when the run did not log it."""
+    tag = RESOLVED_BY_TAG.get(name)
+    if tag and run.data.tags.get(tag):
+        return run.data.tags[tag].split(":")[0]  # cuda:0 and cuda:1 compute alike
+    raw = run.data.params.get(name)
+    return None if raw is None else query.param_value(name, raw)
+
+
+def differing_params(runs: dict[str, object]) -> list[tuple[str, str, str]]:
+    """``(param, noskip value, skip value)`` for each training parameter the two runs differ
+    in apart from ``skip``, in Config's order, then ``world_size``; values compared parsed
+    (``1e-3`` is ``0.001``), shown canonical, "not logged" where a run lacks the param."""
+    candidates = [f.name for f in fields(Config) if f.name not in INERT_PARAMS]
+    found = []
+    for name in [*candidates, names.WORLD_SIZE_PARAM]:
+        if name in ONLY_WITH:
+            other, value = ONLY_WITH[name]
+            if all(_param_of(runs[v], other) != value for v in VARIANTS):
+                continue
+        values = [_param_of(runs[v], name) for v in VARIANTS]
+        if values[0] != values[1]:
+            found.append((name, *("not logged" if x is None else format_value(x) for x in values)))
+    return found
+
+
+def differences_line(found: list[tuple[str, str, str]]) -> str:
+    """``the runs differ in batch_norm (noskip true, skip false), image_size (64, 32); ...``"""
+    listed = ", ".join(f"{name} (noskip {a}, skip {b})" if i == 0 else f"{name} ({a}, {b})"
+                       for i, (name, a, b) in enumerate(found))
+    return f"the runs differ in {listed}; the comparison mixes these with the skip connections"
+
+
+def params_note(found: list[tuple[str, str, str]]) -> str:
+    """The summary's line on the runs' training parameters."""
+    if not found:
+        return "Training parameters: the same apart from skip."
+    return f"**Warning**: {differences_line(found)}."
 
 
 def choose_quantities(runs: dict[str, object], quantity: str = AUTO) -> list[Quantity]:
@@ -382,9 +463,12 @@ def diagnosis(table: pd.DataFrame, per_epoch: pd.DataFrame) -> list[str]:
 
 
 def markdown(table: pd.DataFrame, per_epoch: pd.DataFrame, sides: list[Side],
-             figures: list[str] = (), quantity: Quantity = OUTPUT) -> str:
+             figures: list[str] = (), quantity: Quantity = OUTPUT, params: str = "") -> str:
+    """``params``: ``params_note``'s line, first under the title: a reader must know what
+    else differs before reading any number as the skip connections' doing."""
     g = _g
-    lines = [f"## {quantity.heading}: skip vs no skip", "", *diagnosis(table, per_epoch), "",
+    lines = [f"## {quantity.heading}: skip vs no skip", "", *([params, ""] if params else []),
+             *diagnosis(table, per_epoch), "",
              *([*figures, ""] if figures else []),
              "| layer | variant | median | min | max | first | last | early | late | zero steps "
              "| skip/noskip | status |",
@@ -437,13 +521,18 @@ def compare(experiment: str | None = None, run_ids: list[str] | None = None,
     chosen = shared_layers(runs, layers, quantities)
     panels = panel_layers(chosen)
     differences = read_differences(runs, chosen if layers else None, quantities)
+    # Not refused: comparing other settings can be deliberate; but never silent.
+    differing = differing_params(runs)
+    if differing:
+        print(f"compare: warning: {differences_line(differing)}", file=sys.stderr, flush=True)
     parts = []
     for q in quantities:
         sides = [Side.read(v, runs[v], chosen, q.name) for v in VARIANTS]
         table, per_epoch = summarize(sides)
         difference, skipped = differences[q.name]
         text = markdown(table, per_epoch, sides,
-                        figure_notes(chosen, panels, difference, skipped, q), q)
+                        figure_notes(chosen, panels, difference, skipped, q), q,
+                        params_note(differing))
         parts.append(Part(q, sides, table, per_epoch, difference, skipped, text))
 
     # --- 2. the compare run --------------------------------------------------------------
@@ -461,6 +550,7 @@ def compare(experiment: str | None = None, run_ids: list[str] | None = None,
         "compare.layers": ",".join(chosen),
         names.PANEL_LAYERS_TAG: ",".join(panels),
         names.QUANTITY_TAG: "both" if len(parts) > 1 else parts[0].quantity.name,
+        names.DIFFERING_PARAMS_TAG: ",".join(name for name, _, _ in differing) or "none",
         **{p.quantity.difference_tag: "logged" if p.difference is not None
            else f"skipped: {p.skipped}" for p in parts},
     }, experiment_id=experiment_id)

@@ -107,6 +107,7 @@ PANEL_LAYERS_TAG = "compare.panel_layers"       # the layers drawn in comparison
 WEIGHT_DIFFERENCE_PLOT = "comparison/weight_gradient_flow_difference.png"
 WEIGHT_DIFFERENCE_TAG = "compare.weight_difference_heatmap"
 QUANTITY_TAG = "compare.quantity"               # what was compared: output | weight | both
+DIFFERING_PARAMS_TAG = "compare.differing_params"  # training params the two runs differ in, or "none"
 
 # The diagnosis of the dense record, at the end of a run (README, "What a training run logs").
 HEALTH_TAG = "gradient.health"                          # healthy | vanishing | exploding | dead

@@ -22,7 +22,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from . import names
-from .config import AUTO, DEFAULT_EXPERIMENT, UserError, format_value, parse_bool
+from .config import (AUTO, DEFAULT_EXPERIMENT, Config, ConfigError, UserError, fields,
+                     format_value, parse_bool, parse_field)
 
 
 class QueryError(UserError, LookupError):
@@ -65,30 +66,59 @@ def experiment_id(experiment: str | None = None) -> str:
     return found.experiment_id
 
 
+_FIELDS = {f.name: f for f in fields(Config)}
+
+
+def param_value(name: str, raw) -> object:
+    """What a logged param stands for: its value parsed as training parses it (``1e-3`` and
+    ``0.001`` are one learning rate, ``yes`` and ``true`` one boolean), else the stripped
+    string (a param this version does not know, or a value it no longer accepts)."""
+    text = format_value(raw).strip()
+    try:
+        if name in _FIELDS:
+            return parse_field(_FIELDS[name], text)
+        if name == names.WORLD_SIZE_PARAM:
+            return int(text)
+    except (ConfigError, ValueError):
+        pass
+    return text
+
+
 def find_runs(experiment: str | None = None, status: str | None = None,
               **param_filters) -> pd.DataFrame:
     """Training runs with their params, tags and final metrics, newest first.
 
-    ``param_filters`` match params by their canonical string (``skip=True`` and
-    ``skip="true"`` are the same filter). ``skip`` is matched through the ``variant`` tag,
-    because ``mlflow run`` stores ``-P skip=...`` exactly as typed (``yes``, ``1``, ...).
+    ``param_filters`` match params by their parsed value (``param_value``): ``lr=0.001``,
+    ``lr="1e-3"`` and a run started with ``mlflow run -P lr=1e-3`` (which stores the param
+    as typed) all match. ``skip`` is matched through the ``variant`` tag, because ``mlflow
+    run`` stores ``-P skip=...`` exactly as typed (``yes``, ``1``, ...).
     """
     clauses = []
     if status:
         clauses.append(f"attributes.status = '{status}'")
+    wanted = {}
     for key, value in param_filters.items():
         if key == "skip":
             variant = "skip" if parse_bool("skip", format_value(value)) else "noskip"
             clauses.append(f"tags.`{names.VARIANT_TAG}` = '{variant}'")
         else:
-            clauses.append(f"params.`{key}` = '{format_value(value)}'")
+            # Not a filter clause: the store compares strings, and `1e-3` is not `0.001`.
+            wanted[key] = param_value(key, value)
     runs = mlflow.search_runs(experiment_ids=[experiment_id(experiment)],
                               filter_string=" and ".join(clauses),
                               order_by=["attributes.start_time DESC"])
     variant = f"tags.{names.VARIANT_TAG}"
     if variant not in runs:  # no training run at all (an empty experiment, or compare runs only)
         return runs.iloc[0:0]
-    return runs[runs[variant].notna()].reset_index(drop=True)  # training runs only
+    keep = runs[variant].notna()  # training runs only
+    for key, want in wanted.items():
+        column = f"params.{key}"
+        if column not in runs:
+            return runs.iloc[0:0]
+        # Each distinct string parsed once: runs repeat the same few values.
+        matches = {raw: param_value(key, raw) == want for raw in runs[column].dropna().unique()}
+        keep &= runs[column].map(lambda raw: matches.get(raw, False)).astype(bool)
+    return runs[keep].reset_index(drop=True)
 
 
 def get_run(run_id: str):
@@ -110,11 +140,21 @@ def probed_layers(run, quantity: str = names.OUTPUT) -> list[str]:
     else of its ``layers`` param, which may be ``auto``), among those with metrics of
     ``quantity`` (``output``: ``grad_norm/*``; ``weight``: ``weight_grad_norm/*``).
 
-    Raises QueryError for a run without such metrics.
+    Raises QueryError for a run without such metrics (naming the ``quantity`` it does
+    hold, if any), ConfigError for a ``quantity`` other than ``output`` or ``weight``.
     """
+    if quantity not in names.METRIC_PREFIX:
+        raise ConfigError("quantity", f"{quantity!r} is not allowed; allowed: "
+                                      + ", ".join(names.METRIC_PREFIX))
     prefix = names.METRIC_PREFIX[quantity]
     logged = {names.layer_of(k, prefix) for k in run.data.metrics if k.startswith(prefix)}
     if not logged:
+        others = [q for q in probe_quantities(run) if q != quantity]
+        if others:  # trained with another probe: say which, and how to read what it holds
+            raise QueryError(f"runs: run {run.info.run_id} has no {prefix}* metrics: it was "
+                             f"trained with probe={others[0]} and holds "
+                             f"{names.METRIC_PREFIX[others[0]]}*; read those with "
+                             f"quantity={others[0]!r}")
         raise QueryError(f"runs: run {run.info.run_id} has no {prefix}* metrics; "
                          "is it a training run of this project?")
     listed = run.data.tags.get(names.LAYERS_RESOLVED_TAG) or run.data.params.get("layers", "")
@@ -202,5 +242,5 @@ def final_metrics(run) -> dict[str, float]:
 
 
 __all__ = ["QueryError", "experiment_id", "experiment_ref", "find_experiment", "find_runs",
-           "get_run", "run_config", "probe_quantities", "probed_layers", "gradient_history", "final_metrics",
-           "metric_histories", "dense_norms"]
+           "param_value", "get_run", "run_config", "probe_quantities", "probed_layers",
+           "gradient_history", "final_metrics", "metric_histories", "dense_norms"]

@@ -13,10 +13,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mlflow.entities import Metric, Param
+
 from pipeline import query
+from pipeline.config import ConfigError
 from pipeline.query import QueryError
 from runs_helpers import (REPO_ROOT, make_pair, make_plain_run, make_training_run,
-                          mlflow_store)  # noqa: F401 - mlflow_store is a fixture
+                          mlflow_store, next_time)  # noqa: F401 - mlflow_store is a fixture
 
 README = REPO_ROOT / "README.md"
 
@@ -87,13 +90,40 @@ def test_find_runs_skip_false_returns_only_noskip_runs(mixed_experiment, value):
                                                  runs["noskip_old"].run_id]
 
 
-def test_find_runs_filters_by_model_and_other_params_by_their_canonical_string(mixed_experiment):
+def test_find_runs_filters_by_model_and_other_params_by_their_parsed_value(mixed_experiment):
     _, _, runs = mixed_experiment
     assert _ids(query.find_runs(model="resnet18")) == [runs["noskip_new"].run_id]
     assert _ids(query.find_runs(seed=1)) == [runs["skip_old"].run_id]
     assert _ids(query.find_runs(lr=0.01, skip=True)) == [runs["skip_old"].run_id]
     assert _ids(query.find_runs(model="resnet50", skip=False)) == [runs["noskip_old"].run_id]
     assert len(query.find_runs(model="vgg16")) == 0
+
+
+def test_find_runs_matches_a_param_by_its_parsed_value_however_the_run_stored_it(mlflow_store):
+    # `mlflow run -P lr=1e-3` stores "1e-3" as typed; the CLI and train.run store "0.001".
+    rng = np.random.default_rng(3)
+    c, exp = mlflow_store.client, mlflow_store.project_experiment_id()
+    typed = make_training_run(c, exp, "skip", _histories(rng, 4), 2,
+                              params={"lr": "1e-3", "batch_norm": "yes"}).run_id
+    canonical = make_training_run(c, exp, "skip", _histories(rng, 4), 2,
+                                  params={"lr": "0.001", "batch_norm": "true"}).run_id
+    make_training_run(c, exp, "skip", _histories(rng, 4), 2,
+                      params={"lr": "0.01", "batch_norm": "false"})
+    for lr in (0.001, 1e-3, "1e-3", "0.0010", " 0.001"):
+        assert _ids(query.find_runs(lr=lr)) == [canonical, typed], lr
+    for batch_norm in (True, "yes", "TRUE", "1"):
+        assert _ids(query.find_runs(batch_norm=batch_norm, lr=0.001)) == [canonical, typed]
+
+
+def test_find_runs_matches_values_this_version_cannot_parse_by_their_exact_string(
+        mixed_experiment):
+    # An unknown model is no error: runs logged by an older version may still carry it.
+    store, exp, _ = mixed_experiment
+    old = make_training_run(store.client, exp, "noskip", {"fc": [1.0, 2.0]}, 2,
+                            model="vgg16").run_id
+    assert _ids(query.find_runs(model="vgg16")) == [old]
+    assert len(query.find_runs(model="alexnet")) == 0
+    assert len(query.find_runs(no_such_param=1)) == 0
 
 
 def test_find_runs_filters_by_status(mixed_experiment):
@@ -205,6 +235,39 @@ def test_gradient_history_of_a_run_without_grad_norm_metrics_raises_query_error(
         query.gradient_history(run_id)
     assert run_id in str(err.value) and "grad_norm" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def _weight_probed_run(store) -> str:
+    """A run shaped like one trained with probe=weight: weight_grad_norm/* metrics only."""
+    c = store.client
+    run_id = c.create_run(store.project_experiment_id(), start_time=next_time(),
+                          tags={"variant": "noskip", "steps_per_epoch": "2"},
+                          run_name="resnet50-noskip").info.run_id
+    c.log_batch(run_id, metrics=[Metric(f"weight_grad_norm/{layer}", 0.5 + s, next_time(), s)
+                                 for layer in ("conv1", "fc") for s in range(4)],
+                params=[Param("probe", "weight"), Param("layers", "conv1,fc")])
+    c.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def test_gradient_history_of_a_weight_probed_run_says_to_ask_for_quantity_weight(mlflow_store):
+    run_id = _weight_probed_run(mlflow_store)
+    with pytest.raises(QueryError) as err:
+        query.gradient_history(run_id)
+    message = str(err.value)
+    assert run_id in message and "\n" not in message
+    assert "probe=weight" in message and "quantity='weight'" in message, message
+    assert "is it a training run" not in message
+    # the advice works as given
+    hist = query.gradient_history(run_id, quantity="weight")
+    assert hist["norm"].tolist() == [0.5 + s for s in range(4) for _ in ("conv1", "fc")]
+
+
+def test_gradient_history_refuses_an_unknown_quantity_naming_the_allowed_ones(pair):
+    _, runs = pair
+    with pytest.raises(ConfigError) as err:
+        query.gradient_history(runs["skip"].run_id, quantity="weights")
+    assert str(err.value) == "quantity: 'weights' is not allowed; allowed: output, weight"
 
 
 def test_gradient_history_of_an_unprobed_layer_raises_query_error_naming_it(pair):
