@@ -187,8 +187,9 @@ def select_runs(experiment: str | None, run_ids: list[str] | None) -> dict[str, 
         runs = [query.get_run(r) for r in run_ids]
         variants = [r.data.tags.get(names.VARIANT_TAG) for r in runs]
         if sorted(v or "" for v in variants) != sorted(VARIANTS):
-            raise QueryError(f"runs: need one skip and one noskip training run; "
-                             f"{run_ids[0]} is {variants[0]}, {run_ids[1]} is {variants[1]}")
+            said = [f"{i} is {v}" if v else f"{i} is not a training run"
+                    for i, v in zip(run_ids, variants)]
+            raise QueryError(f"runs: need one skip and one noskip training run; {', '.join(said)}")
         return dict(zip(variants, runs))
     selected = {}
     model = None

@@ -312,6 +312,19 @@ def test_explicit_run_ids_are_compared_whatever_their_order_and_age(mlflow_store
     assert (tags["compare.noskip_run"], tags["compare.skip_run"]) == (chosen["noskip"], chosen["skip"])
 
 
+def test_explicit_run_ids_that_are_not_one_run_per_variant_are_refused_saying_what_each_is(
+        mlflow_store):
+    rng = np.random.default_rng(7)
+    c, exp = mlflow_store.client, mlflow_store.project_experiment_id()
+    noskip = make_training_run(c, exp, "noskip", _histories(rng), 4).run_id
+    other = c.create_run(exp).info.run_id  # a compare run, say: no variant tag
+    with pytest.raises(QueryError) as excinfo:
+        compare.compare(run_ids=[other, noskip])
+    message = str(excinfo.value)
+    assert message.startswith("runs:") and "None" not in message
+    assert f"{other} is not a training run" in message and f"{noskip} is noskip" in message
+
+
 def test_compare_looks_for_runs_in_the_given_experiment(mlflow_store):
     rng = np.random.default_rng(8)
     c = mlflow_store.client
