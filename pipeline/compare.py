@@ -558,14 +558,15 @@ def compare(experiment: str | None = None, run_ids: list[str] | None = None,
     with tracker.ending():
         per_epoch_steps = int(runs["noskip"].data.tags.get(names.STEPS_PER_EPOCH_TAG, 0)) or None
         for part in parts:
-            _log_part(tracker, part, runs, chosen, panels, model, per_epoch_steps)
+            _log_part(tracker, part, runs, chosen, panels, model, per_epoch_steps, differing)
         tracker.set_note("\n".join(part.text for part in parts),
                          tuple(part.quantity.summary_md for part in parts))
     return tracker.run_id
 
 
 def _log_part(tracker: Tracker, part: Part, runs: dict[str, object], chosen: list[str],
-              panels: list[str], model: str, per_epoch_steps: int | None) -> None:
+              panels: list[str], model: str, per_epoch_steps: int | None,
+              differing: list[tuple[str, str, str]] = ()) -> None:
     """One quantity's figures and tables onto the compare run."""
     q, difference = part.quantity, part.difference
     histories = {s.variant: s.chosen_history for s in part.sides}
@@ -589,6 +590,8 @@ def _log_part(tracker: Tracker, part: Part, runs: dict[str, object], chosen: lis
     tracker.log_text(part.per_epoch.to_csv(index=False), q.epochs_csv)
     tracker.log_dict({"quantity": q.name, "runs": {v: runs[v].info.run_id for v in VARIANTS},
                       "layers": chosen, "panel_layers": panels,
+                      "differing_params": [{"param": n, "noskip": a, "skip": b}
+                                           for n, a, b in differing],
                       "summary": _records(part.table), "per_epoch": _records(part.per_epoch)},
                      q.summary_json)
 

@@ -9,6 +9,7 @@ Works against any tracking URI MLflow resolves (``MLFLOW_TRACKING_URI`` or the d
 """
 from __future__ import annotations
 
+import difflib
 import os
 import tempfile
 
@@ -114,6 +115,14 @@ def find_runs(experiment: str | None = None, status: str | None = None,
     for key, want in wanted.items():
         column = f"params.{key}"
         if column not in runs:
+            if key not in _FIELDS and key != names.WORLD_SIZE_PARAM:
+                # No run has it and this version does not know it: a misspelt filter, which
+                # would otherwise read as "no such run yet". (Runs of an older version that
+                # logged a param since removed can still be filtered on it.)
+                close = difflib.get_close_matches(key, [*_FIELDS, names.WORLD_SIZE_PARAM], n=1)
+                raise QueryError(f"{key}: not a parameter of a training run"
+                                 + (f"; did you mean {close[0]}?" if close else "")
+                                 + " (allowed: the params README lists, and world_size)")
             return runs.iloc[0:0]
         # Each distinct string parsed once: runs repeat the same few values.
         matches = {raw: param_value(key, raw) == want for raw in runs[column].dropna().unique()}

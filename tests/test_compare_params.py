@@ -11,6 +11,7 @@ with the params a training run logs, and real tiny runs from ``pipeline.train.ru
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,11 @@ def test_compare_run_of_differing_runs_finishes_tagged_with_the_differing_parame
     run = store.client.get_run(compare_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags[TAG] == "batch_norm,image_size"
+    summary = store.client.download_artifacts(compare_id, compare.SUMMARY_JSON,
+                                              str(store.dir / "summary"))
+    assert json.loads(Path(summary).read_text())["differing_params"] == [
+        {"param": "batch_norm", "noskip": "true", "skip": "false"},
+        {"param": "image_size", "noskip": "64", "skip": "32"}]
 
 
 def test_the_command_line_compare_prints_the_warning_and_still_succeeds(mlflow_store):

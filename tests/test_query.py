@@ -123,7 +123,8 @@ def test_find_runs_matches_values_this_version_cannot_parse_by_their_exact_strin
                             model="vgg16").run_id
     assert _ids(query.find_runs(model="vgg16")) == [old]
     assert len(query.find_runs(model="alexnet")) == 0
-    assert len(query.find_runs(no_such_param=1)) == 0
+    store.client.log_param(old, "removed_param", "x")  # a param this version no longer has
+    assert _ids(query.find_runs(removed_param="x")) == [old]
 
 
 def test_find_runs_filters_by_status(mixed_experiment):
@@ -295,3 +296,10 @@ def test_readme_tracking_api_snippet_runs_as_written(pair, capsys):
     code = _readme_snippet()
     exec(compile(code, str(README) + " (tracking API snippet)", "exec"), {"__name__": "__readme__"})
     assert capsys.readouterr().out.strip(), "the snippet ran but showed nothing"
+
+
+def test_find_runs_refuses_a_misspelt_parameter_instead_of_matching_nothing(mixed_experiment):
+    with pytest.raises(QueryError) as excinfo:
+        query.find_runs(lrr=0.001)
+    message = str(excinfo.value)
+    assert message.startswith("lrr:") and "did you mean lr?" in message
