@@ -559,7 +559,10 @@ def compare(experiment: str | None = None, run_ids: list[str] | None = None,
         per_epoch_steps = int(runs["noskip"].data.tags.get(names.STEPS_PER_EPOCH_TAG, 0)) or None
         for part in parts:
             _log_part(tracker, part, runs, chosen, panels, model, per_epoch_steps, differing)
-        tracker.set_note("\n".join(part.text for part in parts),
+        # Each summary.md states the params on its own; the description says it once.
+        said = f"{params_note(differing)}\n\n"
+        tracker.set_note("\n".join([parts[0].text, *(p.text.replace(said, "", 1)
+                                                      for p in parts[1:])]),
                          tuple(part.quantity.summary_md for part in parts))
     return tracker.run_id
 

@@ -216,7 +216,10 @@ def test_quantity_both_compares_output_and_weight_gradients_with_both_sets_of_ar
     note = run.data.tags[names.NOTE_TAG]
     md = {p: local(store, cid, p).read_text() for p in (compare.SUMMARY_MD,
                                                         compare.WEIGHT_SUMMARY_MD)}
-    assert note == md[compare.SUMMARY_MD] + "\n" + md[compare.WEIGHT_SUMMARY_MD]
+    # The description is both summaries, with the line on the runs' params said once.
+    said = compare.params_note([]) + "\n\n"
+    assert said in md[compare.WEIGHT_SUMMARY_MD] and note.count(said) == 1
+    assert note == md[compare.SUMMARY_MD] + "\n" + md[compare.WEIGHT_SUMMARY_MD].replace(said, "")
 
 
 def test_all_with_probe_both_compares_both_quantities_of_the_runs_it_reuses(trained):
