@@ -133,7 +133,7 @@ def all_(force: str | None, **values: str | None) -> None:
     opts = _parse(config.AllConfig, {"force": force})
     from . import workflow
     run_id = _dispatch(lambda: workflow.run_all(cfg, opts.force))
-    click.echo(f"MLflow run {run_id} (all) finished")
+    click.echo(f"MLflow run {run_id} (all-{cfg.model}) finished")
 
 
 @cli.command()
