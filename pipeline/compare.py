@@ -28,10 +28,10 @@ at the top of the summary and in the ``compare.differing_params`` tag; the compa
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from typing import Sequence
 
+import click
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
@@ -525,7 +525,7 @@ def compare(experiment: str | None = None, run_ids: list[str] | None = None,
     # Not refused: comparing other settings can be deliberate; but never silent.
     differing = differing_params(runs)
     if differing:
-        print(f"compare: warning: {differences_line(differing)}", file=sys.stderr, flush=True)
+        click.echo(f"compare: warning: {differences_line(differing)}", err=True)
     parts = []
     for q in quantities:
         sides = [Side.read(v, runs[v], chosen, q.name) for v in VARIANTS]

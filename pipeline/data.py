@@ -526,9 +526,9 @@ def keep_prepared():
     (the lineage digest, the same subset), image size and device takes it instead of
     decoding and resizing again: `all` prepares CIFAR-10 once for both variants, `sweep`
     once for all its cells. In the last H200 run, before the resize moved to the device,
-    it took ~13 s per variant (BENCHMARKS.md) of an experiment whose target is 6 minutes. A kept split is the same tensor every run
-    reads (batches gather copies; nothing writes into it), so the pixels are those a fresh
-    preparation gives. One split of each kind is kept: a run with other data drops the
+    it took ~13 s per variant (BENCHMARKS.md) of an experiment whose target is 6 minutes.
+    A kept split is the same tensor every run reads (batches gather copies; nothing writes
+    into it), so the pixels are those a fresh preparation gives. One split of each kind is kept: a run with other data drops the
     kept one before preparing its own, so device memory never holds two. Nests."""
     global _kept
     outer = _kept
@@ -601,13 +601,14 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1,
     dropped = len(train) - sum(b - a for a, b in global_batches(len(train), cfg.batch_size,
                                                                 world_size))
     if resolve_data_path(cfg, device) == "device":
+        splits = {"train": train, "test": test}  # in the order of their lineage entries
         keys = {split: (entry.digest, _index_digest(ds), cfg.image_size, str(device))
-                for split, entry, ds in (("train", lineage[0], train), ("test", lineage[1], test))}
+                for (split, ds), entry in zip(splits.items(), lineage, strict=True)}
         ready = _take_kept(keys)  # before measuring what is free: it drops what will not serve
         reused = len(ready) == len(keys)
         # Half of what is free: the network, its activations and the graph pool need the rest.
         budget = _free_bytes(device) // 2 if not reused else 0
-        for split, ds in (("train", train), ("test", test)):
+        for split, ds in splits.items():
             if split not in ready:
                 ready[split] = to_device(ds, cfg.image_size, device, workers, budget)
                 budget -= ready[split][0].numel()

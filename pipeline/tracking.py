@@ -82,13 +82,17 @@ def check_experiment(experiment: str) -> str | None:
     An MLflow run cannot move, so a different explicit ``experiment`` is refused with the
     fix. Cheap (one read of an existing store), so it runs before any data work.
     """
+    return _checked_experiment(experiment)[0]
+
+
+def _checked_experiment(experiment: str):
+    """``check_experiment``'s ID, and otherwise the usable experiment found (or None)."""
     from .config import AUTO, ConfigError
 
     check_access()  # the first call of a run to the server: credentials are checked here
     pending = os.environ.get("MLFLOW_RUN_ID")
     if not pending:
-        _refuse_unusable(experiment)
-        return None
+        return None, _usable_experiment(experiment)
     client = MlflowClient()
     exp_id = client.get_run(pending).info.experiment_id
     name = client.get_experiment(exp_id).name
@@ -96,13 +100,14 @@ def check_experiment(experiment: str) -> str | None:
         raise ConfigError("experiment", f"{experiment!r}, but `mlflow run` opened this run in "
                                         f"experiment {name!r}; choose it there: mlflow run . "
                                         f"--experiment-name {experiment} ...")
-    return exp_id
+    return exp_id, None
 
 
-def _refuse_unusable(experiment: str) -> None:
-    """A deleted experiment (MLflow refuses its runs with a traceback), or an
-    MLFLOW_EXPERIMENT_ID that names none (MLflow would create an experiment *named* after
-    the number, splitting the runs off where nobody looks)."""
+def _usable_experiment(experiment: str):
+    """The experiment ``experiment`` names, None when there is none yet; refuses a deleted
+    one (MLflow refuses its runs with a traceback), or an MLFLOW_EXPERIMENT_ID that names
+    none (MLflow would create an experiment *named* after the number, splitting the runs
+    off where nobody looks)."""
     from . import query
     from .config import AUTO, ConfigError
 
@@ -119,6 +124,7 @@ def _refuse_unusable(experiment: str) -> None:
                                         f"{mlflow.get_tracking_uri()}; allowed: an existing "
                                         "experiment's ID, or unset it and name one with "
                                         "-P experiment=NAME")
+    return found
 
 
 def _absent_sqlite(uri: str) -> bool:
@@ -135,10 +141,9 @@ def use_experiment(experiment: str) -> str:
     ``mlflow.set_experiment`` is avoided, being process-wide state."""
     from . import query
 
-    pending = check_experiment(experiment)
+    pending, found = _checked_experiment(experiment)
     if pending is not None:
         return pending
-    found = query.find_experiment(experiment)
     if found is not None:
         return found.experiment_id
     name = query.experiment_ref(experiment)
