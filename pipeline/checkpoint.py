@@ -7,12 +7,14 @@ replays the same batches into the same weights, so on a CPU a resumed run's weig
 metrics equal an uninterrupted run's bit for bit (tests/test_reliability.py).
 
 Files live in ``<checkpoint_dir>/<run_id>/last.pt``, written atomically (a temporary file,
-then a rename), so a crash mid-write leaves the previous checkpoint intact.
+then a rename), so a crash mid-write leaves the previous checkpoint intact. The folder is
+deleted once the run ends FINISHED (``drop``); a KILLED or FAILED run keeps it for its resume.
 """
 from __future__ import annotations
 
 import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,13 @@ FILENAME = "last.pt"
 
 def path_for(checkpoint_dir: str, run_id: str) -> Path:
     return Path(checkpoint_dir) / run_id / FILENAME
+
+
+def drop(checkpoint_dir: str, run_id: str) -> None:
+    """Delete a FINISHED run's folder. Such a run is reused, never resumed (a resume of it
+    is refused), so its checkpoint only fills the disk: ~285 MB per ResNet-50 run (weights
+    + Adam's two moments), 1.6 GB per vgg19. With log_checkpoint it stays as the artifact."""
+    shutil.rmtree(path_for(checkpoint_dir, run_id).parent, ignore_errors=True)
 
 
 @dataclass

@@ -155,7 +155,8 @@ class Config:
     checkpoint_every: int = _param(0, "steps between checkpoints (0 = at the end of every "
                                       "epoch); one is also written at the end, on SIGINT/"
                                       "SIGTERM and before a NaN stops the run", min=0)
-    checkpoint_dir: str = _param("checkpoints", "folder of checkpoints, one subfolder per run ID")
+    checkpoint_dir: str = _param("checkpoints", "folder of checkpoints, one subfolder per run ID "
+                                                "(deleted once the run is FINISHED)")
     resume: str = _param("none", "a run ID to continue from its last checkpoint, in the same "
                                  "MLflow run (none: start fresh)")
     on_nan: str = _param("stop", "a NaN/Inf loss or norm: stop (checkpoint, then end the run "

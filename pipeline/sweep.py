@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -24,7 +23,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from . import checkpoint, data, distributed, names, plots, query, tracking, train
+from . import data, distributed, names, plots, query, tracking, train
 from .config import (SWEEP_GRID_FIELDS, Config, SweepConfig, UserError, cell_name,
                      to_params)
 from .tracking import Tracker
@@ -90,7 +89,6 @@ def run_sweep(cfg: Config, opts: SweepConfig) -> str:
                                    "what is missing (finished cells are reused)", err=True)
                         raise
                     parent.set_tags(_cell_tags(cell))
-                    _drop_checkpoint(cell)
         parent.set_tags({names.SWEEP_RUNS_TAG: ",".join(c.run_id for c in cells),
                          names.SWEEP_REUSED_TAG: f"{sum(c.reused for c in cells)}/{len(cells)}"})
 
@@ -106,14 +104,6 @@ def run_sweep(cfg: Config, opts: SweepConfig) -> str:
         parent.log_dict({"cells": _records(table), "skipped": skipped}, names.SWEEP_SUMMARY_JSON)
         parent.set_note(text, (names.SWEEP_SUMMARY_MD,))
     return parent.run_id
-
-
-def _drop_checkpoint(cell: Cell) -> None:
-    """A FINISHED cell's local checkpoint goes: a finished run is reused, never resumed,
-    and the default grid's checkpoints (weights + Adam's moments) come to ~11 GB (vgg19
-    alone 1.6 GB per cell). With log_checkpoint=true it stays as the run's artifact."""
-    shutil.rmtree(checkpoint.path_for(cell.cfg.checkpoint_dir, cell.run_id).parent,
-                  ignore_errors=True)
 
 
 def _cell_tags(cell: Cell) -> dict[str, str]:
@@ -159,7 +149,6 @@ def _train_in_processes(cells: list[Cell], parent: Tracker, experiment_id: str,
                     continue
                 cell.run_id = _child_run(cell, parent.run_id, experiment_id)
                 parent.set_tags(_cell_tags(cell))
-                _drop_checkpoint(cell)
     except BaseException:
         _stop(running)
         raise

@@ -512,7 +512,8 @@ def _apply(client: MlflowClient, run_id: str, record: dict, base: Path | None = 
                     present[p[0]].add(int(p[3]))
         return len(points)
     if op == "tags":
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
+        if record["tags"]:
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
         for key in record.get("delete", ()):
             try:
                 client.delete_tag(run_id, key)

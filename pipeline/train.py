@@ -299,6 +299,8 @@ def _run_with_data(prep: Prepared, comm: distributed.Comm, tags, data,
             if cfg.wants_model:
                 _log_model(cfg, tracker, model, device)
         tracker.log_totals(seconds)
+        tracker.set_tags({}, delete=(names.CHECKPOINT_TAG,))  # the file goes below
+    checkpoint.drop(cfg.checkpoint_dir, tracker.run_id)  # ended FINISHED: never resumed
     return tracker.run_id
 
 

@@ -3,11 +3,12 @@ the diagnosis tags (pipeline/gradient_flow.py)."""
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pytest
 
-from pipeline import gradient_flow, names
+from pipeline import checkpoint, gradient_flow, names
 from pipeline.config import ALL_LAYERS, Config, ConfigError
 from pipeline.gradient_flow import Collector, diagnose
 
@@ -289,9 +290,15 @@ def test_resuming_a_run_that_reached_max_steps_trains_no_further_step(tracking_s
 
     from pipeline import train
 
-    run_id = train.run(Config(model="resnet18", **{**TINY, "max_steps": 3}))
+    cfg = Config(model="resnet18", **{**TINY, "max_steps": 3, "log_checkpoint": "true"})
+    run_id = train.run(cfg)
     client = MlflowClient()
-    # As if stopped after its last step, before it ended (a FINISHED run is refused).
+    # As if stopped after its last step, before it ended (a FINISHED run is refused, and has
+    # deleted its local checkpoint): the last checkpoint back in place, the run KILLED.
+    logged = client.download_artifacts(run_id, names.CHECKPOINT_ARTIFACT, str(tracking_store.dir))
+    local = checkpoint.path_for(cfg.checkpoint_dir, run_id)
+    local.parent.mkdir(parents=True)
+    shutil.copyfile(logged, local)
     client.set_terminated(run_id, "KILLED")
     train.run(Config(resume=run_id, device="cpu"))
     steps = {key: sorted(m.step for m in client.get_metric_history(run_id, key))

@@ -84,8 +84,10 @@ def wait_for_steps(store, proc: subprocess.Popen, at_least: int, timeout: float 
 
 
 def final_weights(store, run_id: str) -> dict[str, torch.Tensor]:
-    state = torch.load(checkpoint.path_for(store.dir / "checkpoints", run_id), weights_only=False)
-    return state["model"]
+    """The weights of a FINISHED run that logged its checkpoint (its local one is deleted)."""
+    path = store.client.download_artifacts(run_id, names.CHECKPOINT_ARTIFACT,
+                                           str(store.dir / "downloaded" / run_id))
+    return torch.load(path, weights_only=False)["model"]
 
 
 # --- 1. checkpoints and resume -----------------------------------------------------------
@@ -96,7 +98,7 @@ def final_weights(store, run_id: str) -> dict[str, torch.Tensor]:
 def test_a_run_killed_mid_epoch_and_resumed_equals_an_uninterrupted_run_bit_for_bit(
         tracking_store, network):
     store = tracking_store
-    plan = ["--epochs", "2", "--checkpoint-every", "3", *network]
+    plan = ["--epochs", "2", "--checkpoint-every", "3", "--log-checkpoint", "true", *network]
     proc = run_pipeline(["train", *TINY, *plan], cwd=store.dir, store=store, timeout=300)
     assert proc.returncode == 0, describe_process(proc)
     (reference,) = all_runs(store.client)
@@ -120,6 +122,9 @@ def test_a_run_killed_mid_epoch_and_resumed_equals_an_uninterrupted_run_bit_for_
         assert got == want, key
     a, b = final_weights(store, run_id), final_weights(store, reference.info.run_id)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # FINISHED now: the resume's checkpoint served its purpose, and goes with its tag.
+    assert not checkpoint.path_for(store.dir / "checkpoints", run_id).parent.exists()
+    assert names.CHECKPOINT_TAG not in resumed.data.tags
 
 
 def test_resume_of_an_unknown_run_is_one_line_naming_resume_before_any_data_work(tracking_store):
@@ -133,6 +138,22 @@ def test_resume_of_an_unknown_run_is_one_line_naming_resume_before_any_data_work
 
 
 @pytest.mark.slow
+def test_a_finished_run_deletes_its_local_checkpoint_folder_and_tag_but_keeps_the_artifact(
+        tracking_store):
+    proc = run_pipeline(["train", *TINY, "--model", "resnet18", "--max-steps", "2",
+                         "--checkpoint-dir", "ckpt", "--log-checkpoint", "true"],
+                        cwd=tracking_store.dir, store=tracking_store, timeout=180)
+    assert proc.returncode == 0, describe_process(proc)
+    (run,) = all_runs(tracking_store.client)
+    assert run.info.status == "FINISHED"
+    assert (tracking_store.dir / "ckpt").is_dir()  # it was written...
+    assert not checkpoint.path_for(tracking_store.dir / "ckpt", run.info.run_id).parent.exists()
+    assert names.CHECKPOINT_TAG not in run.data.tags  # ...and no tag points at it any more
+    logged = tracking_store.client.download_artifacts(
+        run.info.run_id, names.CHECKPOINT_ARTIFACT, str(tracking_store.dir / "logged"))
+    assert torch.load(logged, weights_only=False)["position"]["step"] == 2
+
+
 def test_resume_of_a_finished_run_is_refused_in_one_line_and_leaves_the_run_as_it_was(
         tracking_store):
     proc = run_pipeline(["train", *TINY, "--model", "resnet18", "--max-steps", "2"],
