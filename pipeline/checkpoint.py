@@ -9,9 +9,11 @@ metrics equal an uninterrupted run's bit for bit (tests/test_reliability.py).
 Files live in ``<checkpoint_dir>/<run_id>/last.pt``, written atomically (a temporary file,
 then a rename), so a crash mid-write leaves the previous checkpoint intact. The folder is
 deleted once the run ends FINISHED (``drop``); a KILLED or FAILED run keeps it for its resume.
+While a process trains a run it holds the folder's ``lock`` (``Claim``).
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import shutil
@@ -35,6 +37,42 @@ def drop(checkpoint_dir: str, run_id: str) -> None:
     is refused), so its checkpoint only fills the disk: ~285 MB per ResNet-50 run (weights
     + Adam's two moments), 1.6 GB per vgg19. With log_checkpoint it stays as the artifact."""
     shutil.rmtree(path_for(checkpoint_dir, run_id).parent, ignore_errors=True)
+
+
+class Busy(Exception):
+    """Another live process holds the run's claim."""
+
+    def __init__(self, pid: str):
+        super().__init__(pid)
+        self.pid = pid
+
+
+class Claim:
+    """This process trains the run: an exclusive ``flock`` on ``<folder>/lock``, held until
+    ``release()`` or the process's end, however it ends (the kernel drops the lock on
+    ``kill -9`` too). A resume takes it first, so a run whose process is still alive (still
+    flushing after SIGTERM, or started twice) is never trained by two processes at once,
+    which would interleave two writers' metrics and end states in one MLflow run."""
+
+    def __init__(self, checkpoint_dir: str, run_id: str):
+        folder = path_for(checkpoint_dir, run_id).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        self._file = open(folder / "lock", "a+")  # a+: never truncates the holder's PID
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            pid = self._file.read().strip() or "unknown"
+            self._file.close()
+            raise Busy(pid) from None
+        except OSError:  # a file system without locks (some NFS mounts): unguarded, as before
+            pass
+        self._file.truncate(0)
+        self._file.write(str(os.getpid()))
+        self._file.flush()
+
+    def release(self) -> None:
+        self._file.close()  # closing the file drops the lock
 
 
 @dataclass

@@ -95,7 +95,9 @@ def train(**values: str | None) -> None:
     run_id = _dispatch(lambda: train_mod.run(cfg))
     # Under DDP rank 0's process says it (the launcher's run returns when the ranks have).
     if run_id and (distributed.launched() or cfg.world_size == 1):
-        click.echo(f"MLflow run {run_id} ({cfg.run_name}) finished")
+        # A resume trains the run's own model, whatever this launch's model and skip say.
+        name = "resumed" if cfg.resume_id else cfg.run_name
+        click.echo(f"MLflow run {run_id} ({name}) finished")
 
 
 @cli.command()

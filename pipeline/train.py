@@ -260,48 +260,63 @@ def _run_with_data(prep: Prepared, comm: distributed.Comm, tags, data,
     cfg, params, device, model, resume = prep.cfg, prep.params, prep.device, prep.model, prep.resume
     world = comm.world
 
-    # --- 3. the MLflow run (rank 0 only) ----------------------------------------------------
-    if world.main:
-        experiment_id = tracking.use_experiment(cfg.experiment)  # may create it
-        tracker = Tracker.start(cfg.run_name, {**params, names.WORLD_SIZE_PARAM: str(world.size)}, {
-            names.VARIANT_TAG: cfg.variant, names.MODEL_TAG: cfg.model,
-            names.LAYERS_RESOLVED_TAG: ",".join(cfg.layers),
-            names.METRIC_LAYERS_TAG: ",".join(every_step_layers(params, cfg)),
-            names.DEVICE_TAG: str(device), names.STEPS_PER_EPOCH_TAG: str(data.steps_per_epoch),
-            names.DATA_PATH_TAG: data.path, names.DATA_RESIZE_TAG: data.resize,
-            names.DATA_DROPPED_TAG: str(data.dropped_per_epoch),
-            names.DATA_REUSED_TAG: str(data.reused).lower(),
-            names.CODE_VERSION_TAG: code_version(), **distributed.launch_tags(), **(tags or {}),
-        }, experiment_id=experiment_id, system_metrics=cfg.wants_system_metrics(device.type),
-            run_id=resume.run_id if resume else None)
-        distributed.announce_run(tracker.run_id)
-        if resume is not None and os.environ.get("MLFLOW_RUN_ID") not in (None, resume.run_id):
-            tracking.mark_launcher(os.environ["MLFLOW_RUN_ID"], resume.run_id)
-        tracker.set_note(describe(cfg, data.source))
-    else:
-        tracker = tracking.Silent()
-    with tracker.ending(), precision_mode(cfg.precision, device) as autocast:
+    # --- 3. the MLflow run (rank 0 only), claimed by this process until it has ended ----
+    claim = None
+    try:
         if world.main:
-            # What reproduces this run: the resolved configuration and the software it ran on.
-            tracker.log_dict({"params": params, "code_version": code_version()},
-                             names.CONFIG_JSON)
-            tracker.set_tags(environment(device))
-            tracker.log_datasets(data.lineage)
-        gradients, summary, dense = _train(cfg, model, data, device, autocast, tracker,
-                                           prep.use_graph, resume, every_step_layers(params, cfg),
-                                           comm, seconds)
-        if not world.main:
-            return None
-        with _timed(seconds, names.TIME_ARTIFACTS):
-            _log_artifacts(cfg, tracker, gradients, summary, data)
-            _log_gradient_flow(cfg, tracker, dense, data)
-        with _timed(seconds, names.TIME_MODEL):
-            if cfg.wants_model:
-                _log_model(cfg, tracker, model, device)
-        tracker.log_totals(seconds)
-        tracker.set_tags({}, delete=(names.CHECKPOINT_TAG,))  # the file goes below
-    checkpoint.drop(cfg.checkpoint_dir, tracker.run_id)  # ended FINISHED: never resumed
+            if resume is not None:  # before the run is reopened: a live holder keeps it as it is
+                claim = claim_run(cfg.checkpoint_dir, resume.run_id)
+            tracker = _open_run(prep, data, tags, world.size)
+            claim = claim or checkpoint.Claim(cfg.checkpoint_dir, tracker.run_id)  # new ID: free
+        else:
+            tracker = tracking.Silent()
+        with tracker.ending(), precision_mode(cfg.precision, device) as autocast:
+            if world.main:
+                # What reproduces this run: the resolved configuration and the software it ran on.
+                tracker.log_dict({"params": params, "code_version": code_version()},
+                                 names.CONFIG_JSON)
+                tracker.set_tags(environment(device))
+                tracker.log_datasets(data.lineage)
+            gradients, summary, dense = _train(
+                cfg, model, data, device, autocast, tracker, prep.use_graph, resume,
+                every_step_layers(params, cfg), comm, seconds)
+            if not world.main:
+                return None
+            with _timed(seconds, names.TIME_ARTIFACTS):
+                _log_artifacts(cfg, tracker, gradients, summary, data)
+                _log_gradient_flow(cfg, tracker, dense, data)
+            with _timed(seconds, names.TIME_MODEL):
+                if cfg.wants_model:
+                    _log_model(cfg, tracker, model, device)
+            tracker.log_totals(seconds)
+            tracker.set_tags({}, delete=(names.CHECKPOINT_TAG,))  # the file goes below
+        checkpoint.drop(cfg.checkpoint_dir, tracker.run_id)  # ended FINISHED: never resumed
+    finally:  # after the run has ended: a resume may take it from here
+        if claim is not None:
+            claim.release()
     return tracker.run_id
+
+
+def _open_run(prep: Prepared, data, tags, world_size: int) -> Tracker:
+    """Start the MLflow run, or reopen the resumed one, with the tags known before training."""
+    cfg, params, device, resume = prep.cfg, prep.params, prep.device, prep.resume
+    experiment_id = tracking.use_experiment(cfg.experiment)  # may create it
+    tracker = Tracker.start(cfg.run_name, {**params, names.WORLD_SIZE_PARAM: str(world_size)}, {
+        names.VARIANT_TAG: cfg.variant, names.MODEL_TAG: cfg.model,
+        names.LAYERS_RESOLVED_TAG: ",".join(cfg.layers),
+        names.METRIC_LAYERS_TAG: ",".join(every_step_layers(params, cfg)),
+        names.DEVICE_TAG: str(device), names.STEPS_PER_EPOCH_TAG: str(data.steps_per_epoch),
+        names.DATA_PATH_TAG: data.path, names.DATA_RESIZE_TAG: data.resize,
+        names.DATA_DROPPED_TAG: str(data.dropped_per_epoch),
+        names.DATA_REUSED_TAG: str(data.reused).lower(),
+        names.CODE_VERSION_TAG: code_version(), **distributed.launch_tags(), **(tags or {}),
+    }, experiment_id=experiment_id, system_metrics=cfg.wants_system_metrics(device.type),
+        run_id=resume.run_id if resume else None)
+    distributed.announce_run(tracker.run_id)
+    if resume is not None and os.environ.get("MLFLOW_RUN_ID") not in (None, resume.run_id):
+        tracking.mark_launcher(os.environ["MLFLOW_RUN_ID"], resume.run_id)
+    tracker.set_note(describe(cfg, data.source))
+    return tracker
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,10 +350,25 @@ def find_resume_point(cfg: Config) -> ResumePoint:
     if not path.exists():
         raise ConfigError("resume", f"run {run_id} has no checkpoint at {path}; pass the "
                                     "checkpoint_dir it was trained with")
+    # Checked here, before any data work; taken for good just before the run is reopened
+    # (a DDP launcher checks, and its rank 0 takes it).
+    claim_run(cfg.checkpoint_dir, run_id).release()
     # Why it stopped no longer describes the run once it goes on (kept as resume.previous_error).
     stale = {k: v for k, v in run.data.tags.items()
              if k in (names.ERROR_TAG, names.DDP_FAILED_RANK_TAG)}
     return ResumePoint(run_id, path, _resumed_config(original, cfg), logged, stale)
+
+
+def claim_run(checkpoint_dir: str, run_id: str) -> checkpoint.Claim:
+    """The run, for this process to resume; refused while the process that trains it lives
+    (a RUNNING run may be a dead process's, or a live one's still flushing after SIGTERM)."""
+    try:
+        return checkpoint.Claim(checkpoint_dir, run_id)
+    except checkpoint.Busy as e:
+        raise ConfigError("resume", f"run {run_id} is still being trained by process {e.pid} "
+                                    "on this machine; allowed: a run whose training process "
+                                    f"has ended (kill -TERM {e.pid} stops it after its current "
+                                    "step, with a checkpoint)") from None
 
 
 def _resumed_config(original: Config, cfg: Config) -> Config:

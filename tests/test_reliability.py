@@ -154,6 +154,53 @@ def test_a_finished_run_deletes_its_local_checkpoint_folder_and_tag_but_keeps_th
     assert torch.load(logged, weights_only=False)["position"]["step"] == 2
 
 
+def test_a_runs_claim_is_refused_while_its_holder_lives_and_free_once_it_is_killed(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pipeline import checkpoint; "
+         "held = checkpoint.Claim(sys.argv[1], 'r1'); print('held', flush=True); time.sleep(600)",
+         str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(checkpoint.Busy) as busy:
+            checkpoint.Claim(tmp_path, "r1")
+        assert busy.value.pid == str(holder.pid)
+        checkpoint.Claim(tmp_path, "r2").release()  # another run is free
+    finally:
+        holder.kill()  # kill -9: the kernel lets go of the lock, no clean-up code runs
+        holder.wait(timeout=30)
+    mine = checkpoint.Claim(tmp_path, "r1")
+    with pytest.raises(checkpoint.Busy):  # one holder at a time, in this process too
+        checkpoint.Claim(tmp_path, "r1")
+    mine.release()
+    checkpoint.Claim(tmp_path, "r1").release()
+
+
+@pytest.mark.slow
+def test_resuming_a_run_its_process_still_trains_is_refused_in_one_line_and_leaves_it_alone(
+        tracking_store):
+    store, client = tracking_store, tracking_store.client
+    victim = start_training(store, "--epochs", "50")
+    try:
+        run_id = wait_for_steps(store, victim, at_least=2)
+        proc = run_pipeline(["train", "--resume", run_id, "--device", "cpu"], cwd=store.dir,
+                            store=store, timeout=180)
+        assert proc.returncode == 2, describe_process(proc)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith("error: resume:"), describe_process(proc)
+        assert f"still being trained by process {victim.pid}" in errors[0]
+        trained = len(history(client, run_id, names.TRAIN_LOSS))
+        wait_for_steps(store, victim, at_least=trained + 2)  # it goes on, untouched
+        run = client.get_run(run_id)
+        assert run.info.status == "RUNNING" and names.RESUMED_AT_TAG not in run.data.tags
+        victim.send_signal(signal.SIGTERM)
+        _, err = victim.communicate(timeout=60)
+        assert victim.returncode == 143, err[-3000:]
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    checkpoint.Claim(store.dir / "checkpoints", run_id).release()  # free once it has exited
+
+
 def test_resume_of_a_finished_run_is_refused_in_one_line_and_leaves_the_run_as_it_was(
         tracking_store):
     proc = run_pipeline(["train", *TINY, "--model", "resnet18", "--max-steps", "2"],
