@@ -17,6 +17,7 @@ import fcntl
 import os
 import random
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,16 @@ class Busy(Exception):
         self.pid = pid
 
 
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
 class Claim:
     """This process trains the run: an exclusive ``flock`` on ``<folder>/lock``, held until
     ``release()`` or the process's end, however it ends (the kernel drops the lock on
@@ -54,19 +65,27 @@ class Claim:
     flushing after SIGTERM, or started twice) is never trained by two processes at once,
     which would interleave two writers' metrics and end states in one MLflow run."""
 
-    def __init__(self, checkpoint_dir: str, run_id: str):
+    def __init__(self, checkpoint_dir: str, run_id: str, create: bool = True):
         folder = path_for(checkpoint_dir, run_id).parent
-        folder.mkdir(parents=True, exist_ok=True)
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
         self._file = open(folder / "lock", "a+")  # a+: never truncates the holder's PID
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._file.seek(0)
-            pid = self._file.read().strip() or "unknown"
-            self._file.close()
-            raise Busy(pid) from None
-        except OSError:  # a file system without locks (some NFS mounts): unguarded, as before
-            pass
+        # Forked DataLoader workers share this lock: after a kill -9 of the trainer they hold
+        # it until they notice, within seconds; a holder that has exited is waited for.
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                self._file.seek(0)
+                pid = self._file.read().strip() or "unknown"
+                if _alive(pid) or time.monotonic() > deadline:
+                    self._file.close()
+                    raise Busy(pid) from None
+                time.sleep(0.2)
+            except OSError:  # a file system without locks (some NFS mounts): unguarded
+                break
         self._file.truncate(0)
         self._file.write(str(os.getpid()))
         self._file.flush()

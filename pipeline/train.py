@@ -166,14 +166,25 @@ class Prepared:
     resume: "ResumePoint | None"
 
 
+def _check_checkpoint_dir(folder: Path) -> None:
+    """The folder, or the nearest part of its path that exists, is a folder this user can
+    write: the checkpoint of step 0 is written into it before any step."""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError("checkpoint_dir", f"{existing} is a file; allowed: a folder, "
+                                            "created if missing")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError("checkpoint_dir", f"{existing} is not writable; allowed: a folder "
+                                            "this user can write, created if missing")
+
+
 def preflight(cfg: Config, world: distributed.World = distributed.World()) -> Prepared:
     """Everything cheap that can refuse the input, before any download, device work or
     process start. Ranks other than 0 skip the MLflow reads."""
     device = distributed.Comm.device_for(world, resolve_device(cfg.device))
-    folder = Path(cfg.checkpoint_dir)
-    if folder.exists() and not folder.is_dir():  # found at the first checkpoint otherwise
-        raise ConfigError("checkpoint_dir", f"{folder.resolve()} is a file; allowed: a folder, "
-                                            "created if missing")
+    _check_checkpoint_dir(Path(cfg.checkpoint_dir))  # found at the first checkpoint otherwise
     if (cfg.world_size > 1 and device.type == "cuda" and cfg.nnodes == 1
             and torch.cuda.device_count() < cfg.nproc_per_node):
         count = torch.cuda.device_count()
@@ -266,12 +277,14 @@ def _run_with_data(prep: Prepared, comm: distributed.Comm, tags, data,
         if world.main:
             if resume is not None:  # before the run is reopened: a live holder keeps it as it is
                 claim = claim_run(cfg.checkpoint_dir, resume.run_id)
+                # Another resume may have finished it since preflight looked.
+                _check_resumable(query.get_run(resume.run_id), resume.path)
             tracker = _open_run(prep, data, tags, world.size)
-            claim = claim or checkpoint.Claim(cfg.checkpoint_dir, tracker.run_id)  # new ID: free
         else:
             tracker = tracking.Silent()
         with tracker.ending(), precision_mode(cfg.precision, device) as autocast:
             if world.main:
+                claim = claim or checkpoint.Claim(cfg.checkpoint_dir, tracker.run_id)  # new: free
                 # What reproduces this run: the resolved configuration and the software it ran on.
                 tracker.log_dict({"params": params, "code_version": code_version()},
                                  names.CONFIG_JSON)
@@ -335,21 +348,14 @@ def find_resume_point(cfg: Config) -> ResumePoint:
     try:
         logged = query.run_config(run_id)
     except UserError as e:
-        raise ConfigError("resume", f"{run_id!r} is not a training run of this project in "
-                                    f"{tracking.mlflow.get_tracking_uri()} ({e}); allowed: "
-                                    "the ID of a run this project trained, or none") from None
-    run = query.get_run(run_id)
-    if run.info.status == "FINISHED":
-        # It trained every step and logged its artifacts: going on would replace them with
-        # those of the zero steps left (an empty dense record, blank plots).
-        raise ConfigError("resume", f"run {run_id} is FINISHED: it trained all its steps, so "
-                                    "there is nothing to resume; allowed: a run that ended "
-                                    "KILLED or FAILED, or is still RUNNING after its process died")
-    original = Config.from_strings(logged)
+        uri = tracking.mlflow.get_tracking_uri()
+        where = "" if uri in str(e) else f" in {uri}"  # said once
+        raise ConfigError("resume", f"{run_id!r} is not a training run of this project{where} "
+                                    f"({e}); allowed: the ID of a run this project trained, "
+                                    "or none") from None
+    original, run = Config.from_strings(logged), query.get_run(run_id)
     path = checkpoint.path_for(cfg.checkpoint_dir, run_id)
-    if not path.exists():
-        raise ConfigError("resume", f"run {run_id} has no checkpoint at {path}; pass the "
-                                    "checkpoint_dir it was trained with")
+    _check_resumable(run, path, original.checkpoint_dir)
     # Checked here, before any data work; taken for good just before the run is reopened
     # (a DDP launcher checks, and its rank 0 takes it).
     claim_run(cfg.checkpoint_dir, run_id).release()
@@ -359,11 +365,37 @@ def find_resume_point(cfg: Config) -> ResumePoint:
     return ResumePoint(run_id, path, _resumed_config(original, cfg), logged, stale)
 
 
+def resume_args(cfg: Config, run_id: str) -> str:
+    """What resumes the run: its ID, and its checkpoint folder where that is not the default."""
+    default = Config.__dataclass_fields__["checkpoint_dir"].default
+    where = "" if cfg.checkpoint_dir == default else f" -P checkpoint_dir={cfg.checkpoint_dir}"
+    return f"-P resume={run_id}{where}"
+
+
+def _check_resumable(run, path: Path, trained_in: str | None = None) -> None:
+    run_id = run.info.run_id
+    if run.info.status == "FINISHED":
+        # It trained every step and logged its artifacts: going on would replace them with
+        # those of the zero steps left (an empty dense record, blank plots).
+        raise ConfigError("resume", f"run {run_id} is FINISHED: it trained all its steps, so "
+                                    "there is nothing to resume; allowed: a run that ended "
+                                    "KILLED or FAILED, or is still RUNNING after its process died")
+    if not path.exists():
+        said = f" (its params say {trained_in})" if trained_in else ""
+        raise ConfigError("resume", f"run {run_id} has no checkpoint at {path}; allowed: the "
+                                    f"checkpoint_dir it was trained with{said}, as "
+                                    "-P checkpoint_dir=DIR")
+
+
 def claim_run(checkpoint_dir: str, run_id: str) -> checkpoint.Claim:
     """The run, for this process to resume; refused while the process that trains it lives
     (a RUNNING run may be a dead process's, or a live one's still flushing after SIGTERM)."""
     try:
-        return checkpoint.Claim(checkpoint_dir, run_id)
+        return checkpoint.Claim(checkpoint_dir, run_id, create=False)
+    except FileNotFoundError:  # deleted since it was looked at: another resume finished it
+        raise ConfigError("resume", f"run {run_id} has no checkpoint folder in "
+                                    f"{checkpoint_dir} any more; allowed: a run that ended "
+                                    "KILLED or FAILED") from None
     except checkpoint.Busy as e:
         raise ConfigError("resume", f"run {run_id} is still being trained by process {e.pid} "
                                     "on this machine; allowed: a run whose training process "
@@ -618,7 +650,8 @@ class Training:
             name = signal.Signals(self.agreed_signum).name
             raise _agreed(self.comm, Interrupted(
                 f"{name} after step {self.step - 1}; checkpoint {self.ckpt_path} "
-                f"(resume with -P resume={self.tracker.run_id})", self.agreed_signum))
+                f"(resume with {resume_args(self.cfg, self.tracker.run_id)})",
+                self.agreed_signum))
         if self.agreed_nan:
             self.stop_for_nonfinite()
 

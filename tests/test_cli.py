@@ -189,9 +189,13 @@ def test_mlflows_refused_file_store_is_one_line_naming_the_tracking_uri(tmp_path
     assert not (tmp_path / "nowhere").exists()
 
 
-def test_a_checkpoint_dir_that_is_a_file_is_refused_in_one_line(tracking_store):
+# Below a file, the folder can never be made: found before any run opens, not at step 0.
+@pytest.mark.parametrize("given", ["afile", "afile/sub/dir"])
+def test_a_checkpoint_dir_that_is_or_lies_below_a_file_is_refused_in_one_line(tracking_store,
+                                                                            given):
     (tracking_store.dir / "afile").write_text("")
-    proc = run_pipeline(["train", "--checkpoint-dir", "afile", *NO_DATA],
+    proc = run_pipeline(["train", "--checkpoint-dir", given, *NO_DATA],
                         cwd=tracking_store.dir, store=tracking_store)
-    assert_one_line_refusal(proc, "error: checkpoint_dir:", "is a file")
+    line = assert_one_line_refusal(proc, "error: checkpoint_dir:", "is a file", "allowed:")
+    assert str(tracking_store.dir / "afile") in line
     assert not (tracking_store.dir / "nowhere").exists()

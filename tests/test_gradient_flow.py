@@ -285,7 +285,9 @@ def test_a_resumed_run_has_the_dense_artifact_of_the_steps_since_the_resume(trac
     assert losses == [0, 1, 2, 3]  # the metrics cover the whole run
 
 
-def test_resuming_a_run_that_reached_max_steps_trains_no_further_step(tracking_store):
+def _stopped_after_its_last_step(tracking_store) -> str:
+    """A run as if stopped after its last step, before it ended (a FINISHED run is refused,
+    and has deleted its local checkpoint): its last checkpoint back in place, the run KILLED."""
     from mlflow import MlflowClient
 
     from pipeline import train
@@ -293,15 +295,41 @@ def test_resuming_a_run_that_reached_max_steps_trains_no_further_step(tracking_s
     cfg = Config(model="resnet18", **{**TINY, "max_steps": 3, "log_checkpoint": "true"})
     run_id = train.run(cfg)
     client = MlflowClient()
-    # As if stopped after its last step, before it ended (a FINISHED run is refused, and has
-    # deleted its local checkpoint): the last checkpoint back in place, the run KILLED.
     logged = client.download_artifacts(run_id, names.CHECKPOINT_ARTIFACT, str(tracking_store.dir))
     local = checkpoint.path_for(cfg.checkpoint_dir, run_id)
     local.parent.mkdir(parents=True)
     shutil.copyfile(logged, local)
     client.set_terminated(run_id, "KILLED")
+    return run_id
+
+
+def test_resuming_a_run_that_reached_max_steps_trains_no_further_step(tracking_store):
+    from mlflow import MlflowClient
+
+    from pipeline import train
+
+    run_id = _stopped_after_its_last_step(tracking_store)
+    client = MlflowClient()
     train.run(Config(resume=run_id, device="cpu"))
     steps = {key: sorted(m.step for m in client.get_metric_history(run_id, key))
              for key in (names.TRAIN_LOSS, names.EPOCH_SECONDS)}
     assert steps == {names.TRAIN_LOSS: [0, 1, 2], names.EPOCH_SECONDS: [0]}
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_resume_that_another_resume_finished_meanwhile_is_refused_and_leaves_it_finished(
+        tracking_store):
+    from mlflow import MlflowClient
+
+    from pipeline import distributed, train
+
+    run_id = _stopped_after_its_last_step(tracking_store)
+    client = MlflowClient()
+    slow = train.preflight(Config(resume=run_id, device="cpu"))  # checked: resumable then
+    train.run(Config(resume=run_id, device="cpu"))  # the other resume, done first
+    finished = client.get_run(run_id)
+    with pytest.raises(ConfigError, match="^resume: .*(FINISHED|no checkpoint)"):
+        train._run(slow, distributed.Comm(distributed.World(), slow.device), None)
+    after = client.get_run(run_id)
+    assert after.info.status == "FINISHED" and after.data.tags == finished.data.tags
+    assert not checkpoint.path_for(slow.cfg.checkpoint_dir, run_id).parent.exists()

@@ -201,6 +201,15 @@ def test_resuming_a_run_its_process_still_trains_is_refused_in_one_line_and_leav
     checkpoint.Claim(store.dir / "checkpoints", run_id).release()  # free once it has exited
 
 
+def test_the_printed_resume_command_names_the_checkpoint_dir_unless_it_is_the_default():
+    from pipeline import train
+    from pipeline.config import Config
+
+    assert train.resume_args(Config(), "abc") == "-P resume=abc"
+    assert (train.resume_args(Config(checkpoint_dir="/data/ck"), "abc")
+            == "-P resume=abc -P checkpoint_dir=/data/ck")
+
+
 def test_resume_of_a_finished_run_is_refused_in_one_line_and_leaves_the_run_as_it_was(
         tracking_store):
     proc = run_pipeline(["train", *TINY, "--model", "resnet18", "--max-steps", "2"],
