@@ -88,6 +88,14 @@ def describe_process(proc: subprocess.CompletedProcess) -> str:
             f"\n--- stderr ---\n{proc.stderr[-5000:]}")
 
 
+def the_error_line(proc: subprocess.CompletedProcess, starts: str = "error: ") -> str:
+    """The process's one ``error:`` line on stderr, which must start with ``starts``
+    (other lines may be there: MLflow's own logging, a server's)."""
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(starts), describe_process(proc)
+    return errors[0]
+
+
 def make_image_folder(root: Path, classes: int = 10, per_class: dict[str, int] | None = None,
                       size: tuple[int, int] = (20, 24), seed: int = 0) -> dict[str, list[Path]]:
     """A tiny ``root/<split>/<class>/<image>`` tree of random RGB images, PNG and JPEG mixed.

@@ -15,7 +15,7 @@ from pipeline import train
 from pipeline.config import DEFAULT_EXPERIMENT, Config, ConfigError
 from pipeline.probes import GradientProbes
 
-from conftest import describe_process, run_mlflow_project, run_pipeline
+from conftest import describe_process, run_mlflow_project, run_pipeline, the_error_line
 
 TINY = ["--dataset", "synthetic", "--image-size", "32", "--synthetic-size", "16",
         "--synthetic-test-size", "8", "--batch-size", "4", "--max-steps", "2", "--epochs", "1",
@@ -82,9 +82,7 @@ def test_mlflow_run_with_a_disagreeing_experiment_parameter_is_refused_and_its_r
     proc = run_mlflow_project({"experiment": "elsewhere", "dataset": "synthetic"},
                               cwd=tracking_store.dir, store=tracking_store)
     assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith("error: experiment:"), describe_process(proc)
-    assert "--experiment-name elsewhere" in errors[0]
+    assert "--experiment-name elsewhere" in the_error_line(proc, "error: experiment:")
     runs = tracking_store.client.search_runs(
         [e.experiment_id for e in tracking_store.client.search_experiments()])
     assert len(runs) == 1 and runs[0].info.status == "FAILED"

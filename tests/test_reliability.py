@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 
 from pipeline import checkpoint, names
 
-from conftest import describe_process, run_pipeline, subprocess_env
+from conftest import describe_process, run_pipeline, subprocess_env, the_error_line
 from runs_helpers import RUN_VARS, Store
 from test_outage import MlflowServer
 
@@ -132,8 +132,7 @@ def test_resume_of_an_unknown_run_is_one_line_naming_resume_before_any_data_work
                          "cifar10", "--data-dir", "nowhere"], cwd=tracking_store.dir,
                         store=tracking_store)
     assert proc.returncode == 2, describe_process(proc)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith("error: resume:"), describe_process(proc)
+    the_error_line(proc, "error: resume:")
     assert not (tracking_store.dir / "nowhere").exists()
 
 
@@ -185,9 +184,8 @@ def test_resuming_a_run_its_process_still_trains_is_refused_in_one_line_and_leav
         proc = run_pipeline(["train", "--resume", run_id, "--device", "cpu"], cwd=store.dir,
                             store=store, timeout=180)
         assert proc.returncode == 2, describe_process(proc)
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and errors[0].startswith("error: resume:"), describe_process(proc)
-        assert f"still being trained by process {victim.pid}" in errors[0]
+        error = the_error_line(proc, "error: resume:")
+        assert f"still being trained by process {victim.pid}" in error
         trained = len(history(client, run_id, names.TRAIN_LOSS))
         wait_for_steps(store, victim, at_least=trained + 2)  # it goes on, untouched
         run = client.get_run(run_id)
@@ -223,9 +221,8 @@ def test_resume_of_a_finished_run_is_refused_in_one_line_and_leaves_the_run_as_i
     proc = run_pipeline(["train", "--resume", run_id, "--dataset", "cifar10", "--data-dir",
                          "nowhere"], cwd=tracking_store.dir, store=tracking_store)
     assert proc.returncode == 2
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith("error: resume:"), describe_process(proc)
-    assert "FINISHED" in errors[0] and "allowed:" in errors[0]
+    error = the_error_line(proc, "error: resume:")
+    assert "FINISHED" in error and "allowed:" in error
     assert not (tracking_store.dir / "nowhere").exists()
     after = client.get_run(run_id)
     assert after.info.status == "FINISHED"
@@ -299,8 +296,7 @@ def test_on_nan_stop_records_the_nan_keeps_a_checkpoint_from_before_and_fails_th
     store = tracking_store
     proc = run_pipeline(["train", *TINY, *EXPLODE], cwd=store.dir, store=store, timeout=180)
     assert proc.returncode == 2, describe_process(proc)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "on_nan=stop" in errors[0]
+    assert "on_nan=stop" in the_error_line(proc)
     (run,) = all_runs(store.client)
     assert run.info.status == "FAILED" and "on_nan=stop" in run.data.tags[names.ERROR_TAG]
     assert int(run.data.tags[names.NONFINITE_COUNT_TAG]) > 0
