@@ -37,19 +37,13 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 
 from . import names, plots, query
+from .health import SEVERITY, status
 from .config import (ALL_LAYERS, AUTO, QUANTITIES as QUANTITY_CHOICES, Config, ConfigError,
                      fields, format_value)
 from .query import QueryError
 from .tracking import Tracker
 
 VARIANTS = ("noskip", "skip")
-STATUS_RULES = (  # (status, ratio strictly below which it applies), checked in order
-    ("Vanishing", 1e-18),
-    ("Tiny", 1e-9),
-    ("Weak", 1e-3),
-)
-EXPLODING_RATIO = 1e3
-DEAD_ZERO_FRACTION = 0.5
 
 ARTIFACT_DIR = "comparison"
 
@@ -110,18 +104,6 @@ SUMMARY_MD, SUMMARY_CSV, SUMMARY_JSON = OUTPUT.summary_md, OUTPUT.summary_csv, O
 EPOCHS_CSV = OUTPUT.epochs_csv
 WEIGHT_SUMMARY_MD, WEIGHT_SUMMARY_CSV = WEIGHT.summary_md, WEIGHT.summary_csv
 WEIGHT_SUMMARY_JSON, WEIGHT_EPOCHS_CSV = WEIGHT.summary_json, WEIGHT.epochs_csv
-
-
-def status(median: float, zero_fraction: float, reference: float) -> str:
-    if zero_fraction >= DEAD_ZERO_FRACTION:
-        return "Dead"
-    if not math.isfinite(median):
-        return "Exploding"
-    ratio = median / reference if reference > 0 and math.isfinite(reference) else median
-    for label, below in STATUS_RULES:
-        if ratio < below:
-            return label
-    return "Exploding" if ratio > EXPLODING_RATIO else "Healthy"
 
 
 def layer_stats(history: pd.DataFrame, layers: list[str] | None = None) -> pd.DataFrame:
@@ -450,8 +432,7 @@ def diagnosis(table: pd.DataFrame, per_epoch: pd.DataFrame) -> list[str]:
              f"skips ({first.loc['noskip', 'status']}), {_g(first.loc['skip', 'median'])} with "
              f"skips ({first.loc['skip', 'status']}); skip/noskip = "
              f"{_g(first.loc['skip', 'skip_over_noskip'])}."]
-    # How far from Healthy: exploding is as bad as vanishing, dead is the end.
-    rank = {"Healthy": 0, "Weak": 1, "Tiny": 2, "Vanishing": 3, "Exploding": 3, "Dead": 4}
+    rank = SEVERITY
     for (lay, variant), g in per_epoch.groupby(["layer", "variant"], observed=True, sort=False):
         g = g.sort_values("epoch")
         start = g.iloc[0]

@@ -25,19 +25,12 @@ Schema of ``gradients/norms.npz`` (``numpy.load``; no pickles)::
 """
 from __future__ import annotations
 
-import math
 import sys
 from typing import Callable
 
 import numpy as np
 
 from . import names
-from .compare import DEAD_ZERO_FRACTION, status
-
-# loss.at_chance: the median loss of the last LOSS_TAIL of the steps is within
-# CHANCE_TOLERANCE (relative) of ln(num_classes), a uniform guess's cross-entropy.
-LOSS_TAIL = 0.10
-CHANCE_TOLERANCE = 0.01
 # The console says the network died after this many consecutive steps read back with every
 # layer below the head at exactly zero gradient.
 DEAD_STEPS = 20
@@ -161,47 +154,3 @@ class Collector:
 def save_npz(path, arrays: dict[str, np.ndarray]) -> None:
     with open(path, "wb") as f:
         np.savez_compressed(f, **arrays)
-
-
-def _fmt(x: float) -> str:
-    return f"{x:.3g}"
-
-
-def diagnose(steps, layers, norms, loss, num_classes: int) -> dict[str, str]:
-    """The ``gradient.*`` and ``loss.at_chance`` tags from a dense history (README, "What a
-    training run logs", has the rules). Thresholds are compare.py's."""
-    norms = np.asarray(norms, dtype=np.float64).reshape(len(steps), len(layers))
-    loss = np.asarray(loss, dtype=np.float64)
-    tags: dict[str, str] = {}
-    if not len(steps) or not len(layers):
-        return {names.HEALTH_TAG: "unknown"}
-    below_head = norms[:, :-1] if len(layers) > 1 else np.zeros((len(steps), 0))
-    zero_steps = float((below_head == 0).all(axis=1).mean()) if below_head.shape[1] else 0.0
-    medians = np.median(norms, axis=0)
-    zero = (norms == 0).mean(axis=0)
-    reference = float(medians[-1])  # the head: the layer nearest the loss
-    statuses = [status(float(m), float(z), reference) for m, z in zip(medians, zero)]
-    # Walking from the head toward the input, as the gradient flows: the first layer whose
-    # gradient is gone (Vanishing or Dead by compare.py's rules).
-    first_vanishing = next((layers[i] for i in range(len(layers) - 1, -1, -1)
-                            if statuses[i] in ("Vanishing", "Dead")), "none")
-    if zero_steps >= DEAD_ZERO_FRACTION:
-        health = "dead"
-    elif "Exploding" in statuses:
-        health = "exploding"
-    elif first_vanishing != "none":
-        health = "vanishing"
-    else:
-        health = "healthy"
-    ratio = medians[0] / reference if reference > 0 else math.inf if medians[0] > 0 else math.nan
-    tags[names.HEALTH_TAG] = health
-    tags[names.FIRST_VANISHING_TAG] = first_vanishing
-    tags[names.FIRST_TO_LAST_TAG] = _fmt(ratio)
-    tags[names.ZERO_STEP_FRACTION_TAG] = _fmt(zero_steps)
-    finite = loss[np.isfinite(loss)]
-    if len(finite):
-        tail = finite[-max(1, int(math.ceil(len(finite) * LOSS_TAIL))):]
-        chance = math.log(num_classes)
-        at_chance = abs(float(np.median(tail)) - chance) <= CHANCE_TOLERANCE * chance
-        tags[names.AT_CHANCE_TAG] = str(at_chance).lower()
-    return tags

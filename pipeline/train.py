@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import checkpoint, code_version, distributed, engine, gradient_flow, names, plots, query
+from . import checkpoint, code_version, distributed, engine, gradient_flow, health, names, plots, query
 from . import data as data_mod
 from .config import ALL_LAYERS, AUTO_LAYERS, Config, ConfigError, UserError
 from .models import all_layers, build_model, default_layers
@@ -874,7 +874,7 @@ def _log_gradient_flow(cfg, tracker, dense, data) -> None:
         finally:
             plots.close(fig)
     if "norms" in dense:  # the rules read output-gradient norms (README)
-        tracker.set_tags(gradient_flow.diagnose(dense["steps"], list(dense["layers"]),
+        tracker.set_tags(health.diagnose(dense["steps"], list(dense["layers"]),
                                                 dense["norms"], dense["loss"], data_mod.NUM_CLASSES))
     else:
         tracker.set_tags({names.HEALTH_TAG: "unknown"})
