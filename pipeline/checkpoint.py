@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .engine import IMPLEMENTATION_OPTIONS
-
 FILENAME = "last.pt"
+# The optimizer options that choose an implementation, not the maths: a resumed run keeps
+# its own (``load``), whatever the checkpoint was written with.
+IMPLEMENTATION_OPTIONS = ("capturable", "fused", "foreach")
 
 
 def path_for(checkpoint_dir: str, run_id: str) -> Path:

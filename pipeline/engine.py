@@ -23,11 +23,6 @@ from torch import nn
 WARMUP_STEPS = 3
 
 
-# The optimizer options that choose an implementation, not the maths: a resumed run keeps
-# its own (checkpoint.load), whatever the checkpoint was written with.
-IMPLEMENTATION_OPTIONS = ("capturable", "fused", "foreach")
-
-
 def make_optimizer(name: str, params, lr: float, capturable: bool,
                    fused: bool = True) -> torch.optim.Optimizer:
     """Adam (the notebook's) or SGD with momentum 0.9.

@@ -22,7 +22,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from . import names
+from . import code_version, names
 from .config import (AUTO, DEFAULT_EXPERIMENT, Config, ConfigError, UserError, fields,
                      format_value, parse_bool, parse_field)
 
@@ -128,6 +128,23 @@ def find_runs(experiment: str | None = None, status: str | None = None,
         matches = {raw: param_value(key, raw) == want for raw in runs[column].dropna().unique()}
         keep &= runs[column].map(lambda raw: matches.get(raw, False)).astype(bool)
     return runs[keep].reset_index(drop=True)
+
+
+def find_reusable(cfg: Config) -> str | None:
+    """The newest FINISHED run with exactly ``cfg`` and this code, or None."""
+    found = find_runs(cfg.experiment, status="FINISHED", skip=cfg.skip, model=cfg.model)
+    params = [f.name for f in fields(Config)]
+    for _, row in found.iterrows():
+        if row.get(f"tags.{names.CODE_VERSION_TAG}") != code_version():
+            continue
+        logged = {name: row.get(f"params.{name}") for name in params}
+        try:
+            # Compare parsed values, not strings: `-P lr=1e-3` and `--lr 0.001` are one run.
+            if Config.from_strings({k: v for k, v in logged.items() if isinstance(v, str)}) == cfg:
+                return row["run_id"]
+        except ConfigError:
+            continue  # a run from an older parameter set: never a match
+    return None
 
 
 def get_run(run_id: str):
@@ -251,5 +268,5 @@ def final_metrics(run) -> dict[str, float]:
 
 
 __all__ = ["QueryError", "experiment_id", "experiment_ref", "find_experiment", "find_runs",
-           "param_value", "get_run", "run_config", "probe_quantities", "probed_layers",
+           "param_value", "find_reusable", "get_run", "run_config", "probe_quantities", "probed_layers",
            "gradient_history", "final_metrics", "metric_histories", "dense_norms"]

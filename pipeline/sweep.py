@@ -2,7 +2,7 @@
 first-layer gradient norm against its depth.
 
 Every cell is a training run, reused when a FINISHED run of the experiment has the same
-parameters and code (``workflow.find_reusable``, as `all` does; ``force`` retrains). Fresh
+parameters and code (``query.find_reusable``, as `all` does; ``force`` retrains). Fresh
 runs are children of the sweep's parent run (``mlflow.parentRunId``) and carry their cell in
 ``sweep.cell``; the parent names every cell's run in its tags and holds the figure and the
 table (``names``, "Sweep"). A model without skips (vgg19) has no skip=true cell.
@@ -27,7 +27,6 @@ from . import data, distributed, names, plots, query, tracking, train
 from .config import (SWEEP_GRID_FIELDS, Config, SweepConfig, UserError, cell_name,
                      to_params)
 from .tracking import Tracker
-from .workflow import find_reusable
 
 # The figure's x axis: each model's number of weight layers, as in its name.
 DEPTH = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152,
@@ -67,7 +66,7 @@ def run_sweep(cfg: Config, opts: SweepConfig) -> str:
     }, experiment_id=experiment_id)
     with parent.ending():
         for cell in cells:
-            cell.run_id = None if opts.force else find_reusable(cell.cfg)
+            cell.run_id = None if opts.force else query.find_reusable(cell.cfg)
             cell.reused = cell.run_id is not None
             if cell.reused:
                 parent.set_tags(_cell_tags(cell))

@@ -11,27 +11,10 @@ import dataclasses
 
 import click
 
-from . import code_version, compare, data, names, query, train
+from . import compare, data, names, query, train
 from .config import AllConfig, CompareConfig, Config, ConfigError, to_params
 from . import tracking
 from .tracking import Tracker
-
-
-def find_reusable(cfg: Config) -> str | None:
-    """The newest FINISHED run with exactly ``cfg`` and this code, or None."""
-    found = query.find_runs(cfg.experiment, status="FINISHED", skip=cfg.skip, model=cfg.model)
-    fields = [f.name for f in dataclasses.fields(Config)]
-    for _, row in found.iterrows():
-        if row.get(f"tags.{names.CODE_VERSION_TAG}") != code_version():
-            continue
-        logged = {name: row.get(f"params.{name}") for name in fields}
-        try:
-            # Compare parsed values, not strings: `-P lr=1e-3` and `--lr 0.001` are one run.
-            if Config.from_strings({k: v for k, v in logged.items() if isinstance(v, str)}) == cfg:
-                return row["run_id"]
-        except ConfigError:
-            continue  # a run from an older parameter set: never a match
-    return None
 
 
 def run_all(cfg: Config, force: bool) -> str:
@@ -49,7 +32,7 @@ def run_all(cfg: Config, force: bool) -> str:
         ids = {}
         for skip in (False, True):
             variant_cfg = dataclasses.replace(cfg, skip=skip)
-            reused = None if force else find_reusable(variant_cfg)
+            reused = None if force else query.find_reusable(variant_cfg)
             if reused:
                 click.echo(f"{variant_cfg.run_name}: reusing FINISHED run {reused} (same parameters "
                            "and code; -P force=true retrains)", err=True)
