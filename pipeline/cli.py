@@ -8,13 +8,11 @@ from a shell. Heavy imports (torch, mlflow) happen only after the input is valid
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import threading
 
 import click
 
-from . import config, distributed
+from . import config, distributed, signals
 
 EXIT_USAGE = 2  # bad input, as click and argparse use
 
@@ -50,7 +48,7 @@ def _refuse(message: str):
 def _dispatch(action):
     """Run ``action``; turn the user's errors into one line and exit code 2."""
     try:
-        _let_sigterm_in()  # imports are done; the work starts (unwind_on_sigterm)
+        signals.let_sigterm_in()  # imports are done; the work starts
         return action()
     except config.UserError as e:  # ConfigError, data.DataError, query.QueryError
         _refuse(str(e))
@@ -63,7 +61,7 @@ def _dispatch(action):
 
 
 def _interrupted(e: KeyboardInterrupt):
-    """Ctrl-C or SIGTERM (``Terminated``): the run ended KILLED, one line, exit 130 / 143."""
+    """Ctrl-C or SIGTERM (``signals.Terminated``): the run ended KILLED, one line, exit 130 / 143."""
     if not distributed.follower():
         reason = f"interrupted: {str(e) or 'Ctrl-C'}"  # a bare KeyboardInterrupt says ""
         if os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run`'s run, not taken over yet
@@ -168,45 +166,16 @@ def sync(spool: str) -> None:
     _dispatch(lambda: tracking.sync(spool, echo=click.echo))
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM outside the training loop (inside it, the loop stops after its step)."""
-
-    signum = signal.SIGTERM
-
-
-def unwind_on_sigterm() -> None:
-    """Let SIGTERM unwind like Ctrl-C. Python's default ends the process on the spot, which
-    leaves a started MLflow run RUNNING (say, SIGTERM while the model is exported);
-    unwinding ends it KILLED (``Tracker.ending``), and ``_dispatch`` exits 143. Not in a
-    torchrun rank: its agent stops the ranks and ends the run (``distributed._failure``).
-
-    SIGTERM is held back (blocked) until ``_dispatch`` starts the command's work: an
-    interrupt inside a C extension's import (torch, pandas under MLflow) comes back as an
-    unrelated error (a SystemError, or an ImportError of a half-imported module)."""
-    if distributed.launched() or threading.current_thread() is not threading.main_thread():
-        return
-
-    def handler(signum, frame):
-        raise Terminated("SIGTERM")
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-
-
-def _let_sigterm_in() -> None:
-    """A SIGTERM held back since the start arrives now (as ``Terminated``)."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-
-
 def main() -> None:
-    unwind_on_sigterm()
+    if not distributed.launched():  # in a torchrun rank the agent handles signals
+        signals.unwind_on_sigterm()
     # standalone_mode=False lets us turn click's usage errors (an unknown -P name arrives
     # as an unknown --option) into the same one-line message as our own.
     try:
         try:
             cli.main(standalone_mode=False, prog_name="python -m pipeline")
         finally:
-            _let_sigterm_in()  # a command that ended before its work (bad input, --help)
+            signals.let_sigterm_in()  # a command that ended before its work (bad input, --help)
     except click.exceptions.NoArgsIsHelpError as e:
         click.echo(e.ctx.get_help() if e.ctx else str(e))
     except click.NoSuchOption as e:
@@ -223,18 +192,8 @@ def main() -> None:
         # Ctrl-C outside _dispatch, while a command imports torch or MLflow, comes back as
         # click's Abort, or as a C extension's SystemError ("returned a result with an
         # exception set"); the interrupt is in its chain.
-        interrupt = _interrupt_behind(e)
+        interrupt = signals.interrupt_behind(e)
         if interrupt is None:
             # click also turns EOFError into Abort: that one is an error, shown as itself.
             raise (e.__cause__ or e) if isinstance(e, click.exceptions.Abort) else e
         _interrupted(interrupt)
-
-
-def _interrupt_behind(e: BaseException) -> KeyboardInterrupt | None:
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, KeyboardInterrupt):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None

@@ -21,9 +21,7 @@ import contextlib
 import functools
 import gc
 import hashlib
-import math
 import os
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 
+from . import signals
 from .config import Config, UserError
 
 NUM_CLASSES = 10
@@ -392,31 +391,12 @@ def _free_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def _sigterm_as_sigint(signum, frame):
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-def _worker_signals(worker_id: int) -> None:
-    """Signals meant for the run reach the main process, which stops after its step,
-    checkpoints and ends the run KILLED; a loader worker killed by one would fail the run
-    instead ("DataLoader worker ... exited unexpectedly"), and a worker that quits on one
-    leaves a test pass or the data preparation without its images.
-
-    So each worker leaves the process group: signals sent to the group (Ctrl-C in a
-    terminal, `timeout`, `kill -- -PGID`) no longer reach it, and the main process shuts it
-    down as usual. A SIGTERM sent to the worker itself (a scheduler that signals every
-    process) ends it quietly, as SIGINT does (PyTorch's worker loop takes KeyboardInterrupt
-    to mean "the main process stops too")."""
-    os.setpgrp()
-    signal.signal(signal.SIGTERM, _sigterm_as_sigint)
-
-
 def _decoded_batches(dataset: Dataset, workers: int):
     """(groups, labels) per loader batch, in order: the images decoded at their native size
     as uint8, stacked per run of consecutive images of one size. Workers run the dataset's
     own loading code and nothing else."""
     return DataLoader(_Native(dataset), batch_size=512, num_workers=workers,
-                      collate_fn=_stack_by_size, worker_init_fn=_worker_signals)
+                      collate_fn=_stack_by_size, worker_init_fn=signals.worker_init)
 
 
 def _decode(dataset: Dataset, workers: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -622,7 +602,7 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1,
             dropped_per_epoch=dropped, reused=reused)
     common = dict(batch_size=cfg.batch_size, num_workers=workers,
                   pin_memory=device.type == "cuda",  # lets the host->device copy run async
-                  persistent_workers=workers > 0, worker_init_fn=_worker_signals)
+                  persistent_workers=workers > 0, worker_init_fn=signals.worker_init)
     return Data(
         train=DataLoader(train, batch_sampler=ShardedBatches(order, cfg.batch_size, rank, world_size),
                          **{k: v for k, v in common.items() if k != "batch_size"}),

@@ -11,7 +11,6 @@ import os
 import signal
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -19,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import checkpoint, code_version, distributed, engine, gradient_flow, health, names, plots, query
+from . import (checkpoint, code_version, distributed, engine, gradient_flow, health, names, plots,
+               query, signals)
 from . import data as data_mod
 from .config import ALL_LAYERS, AUTO_LAYERS, Config, ConfigError, UserError
 from .models import all_layers, build_model, default_layers
@@ -454,36 +454,6 @@ class NumericalError(UserError, RuntimeError):
     """A NaN or Inf loss or norm stopped the run (on_nan=stop)."""
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM: the run stopped after a step, flushed and checkpointed."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """The first SIGINT/SIGTERM asks the loop to stop after the current step (a host flag,
-    checked between steps); a second one interrupts at once. Yields the flag's holder."""
-    state = {"signum": None}
-
-    def handler(signum, frame):
-        if state["signum"] is not None:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopped at once")
-        state["signum"] = signum
-
-    if threading.current_thread() is not threading.main_thread():
-        yield state  # signals reach the main thread only
-        return
-    saved = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield state
-    finally:
-        for s, h in saved.items():
-            signal.signal(s, h)
-
-
 class NonFiniteWatch:
     """Counts NaN/Inf losses and norms as chunks reach the host (in the writer thread, so
     the training loop never waits); remembers the first."""
@@ -605,7 +575,7 @@ class Training:
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
-        with stop_on_signals() as self.signals:
+        with signals.stop_on_signals() as self.signals:
             if self.resume is None:
                 self.save_checkpoint(0, 0, 0)  # the state before any step: always a good one
             try:
@@ -648,7 +618,7 @@ class Training:
         if self.agreed_signum:
             self.save_checkpoint(self.epoch, self.in_epoch, self.seen)
             name = signal.Signals(self.agreed_signum).name
-            raise _agreed(self.comm, Interrupted(
+            raise _agreed(self.comm, signals.Interrupted(
                 f"{name} after step {self.step - 1}; checkpoint {self.ckpt_path} "
                 f"(resume with {resume_args(self.cfg, self.tracker.run_id)})",
                 self.agreed_signum))

@@ -149,9 +149,9 @@ def test_top_level_help_lists_the_train_command(tracking_store):
     ("terminated", "interrupted: SIGTERM;", 143)])
 def test_an_interrupt_before_any_run_names_its_signal_and_exits_with_the_shells_code(
         monkeypatch, capsys, interrupt, line, code):
-    from pipeline import cli
+    from pipeline import cli, signals
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    error = cli.Terminated("SIGTERM") if interrupt == "terminated" else interrupt  # as raised
+    error = signals.Terminated("SIGTERM") if interrupt == "terminated" else interrupt  # as raised
     with pytest.raises(SystemExit) as excinfo:
         cli._interrupted(error)
     assert excinfo.value.code == code

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline import checkpoint, gradient_flow, names
+from pipeline import checkpoint, names
 from pipeline.config import ALL_LAYERS, Config, ConfigError
 from pipeline.gradient_flow import Collector
 from pipeline.health import diagnose
