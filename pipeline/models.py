@@ -16,7 +16,7 @@ them is refused (``config.ConfigError`` naming ``skip``).
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -45,6 +45,7 @@ class BasicBlock(nn.Module):
     before the last ReLU."""
 
     expansion = 1
+    last_conv = "conv2"  # the block's last conv: where default_layers probes a stage's end
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, skip: bool = False,
                  batch_norm: bool = False):
@@ -75,6 +76,7 @@ class Bottleneck(nn.Module):
     """1x1 -> 3x3 -> 1x1 convs, ReLU after each; the residual add (if any) before the last ReLU."""
 
     expansion = 4
+    last_conv = "conv3"
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, skip: bool = False,
                  batch_norm: bool = False):
@@ -192,41 +194,35 @@ class VGG(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-def resnet18(skip: bool = False, num_classes: int = 10, batch_norm: bool = False) -> ResNet:
-    return ResNet(BasicBlock, [2, 2, 2, 2], skip=skip, num_classes=num_classes,
-                  batch_norm=batch_norm)
+# --- the variants: one row each --------------------------------------------------------------
+@dataclass(frozen=True)
+class Variant:
+    """One network of the registry: how to build it, and what the sweep plots it at."""
+
+    family: str                  # "resnet" or "vgg"
+    block: Block | None          # a ResNet's block; None for VGG
+    stages: tuple                # blocks per stage (ResNet), or conv widths and "M"s (VGG)
+    depth: int                   # weight layers, as in the name: the sweep's x axis
 
 
-def resnet34(skip: bool = False, num_classes: int = 10, batch_norm: bool = False) -> ResNet:
-    return ResNet(BasicBlock, [3, 4, 6, 3], skip=skip, num_classes=num_classes,
-                  batch_norm=batch_norm)
-
-
-def resnet50(skip: bool = False, num_classes: int = 10, batch_norm: bool = False) -> ResNet:
-    return ResNet(Bottleneck, [3, 4, 6, 3], skip=skip, num_classes=num_classes,
-                  batch_norm=batch_norm)
-
-
-def resnet101(skip: bool = False, num_classes: int = 10, batch_norm: bool = False) -> ResNet:
-    return ResNet(Bottleneck, [3, 4, 23, 3], skip=skip, num_classes=num_classes,
-                  batch_norm=batch_norm)
-
-
-def resnet152(skip: bool = False, num_classes: int = 10, batch_norm: bool = False) -> ResNet:
-    return ResNet(Bottleneck, [3, 8, 36, 3], skip=skip, num_classes=num_classes,
-                  batch_norm=batch_norm)
-
-
-def vgg19(skip: bool = False, num_classes: int = 10, batch_norm: bool = False) -> VGG:
-    return VGG(VGG19_CONFIG, skip=skip, num_classes=num_classes, batch_norm=batch_norm,
-               name="vgg19")
-
-
-# The registry; config.MODELS lists the same names for torch-free validation.
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50,
-    "resnet101": resnet101, "resnet152": resnet152, "vgg19": vgg19,
+# config.MODELS lists the same names, for torch-free validation (a test keeps them equal).
+VARIANTS: dict[str, Variant] = {
+    #              family    block       stages                       depth
+    "resnet18":  Variant("resnet", BasicBlock, (2, 2, 2, 2), 18),
+    "resnet34":  Variant("resnet", BasicBlock, (3, 4, 6, 3), 34),
+    "resnet50":  Variant("resnet", Bottleneck, (3, 4, 6, 3), 50),   # the notebook's
+    "resnet101": Variant("resnet", Bottleneck, (3, 4, 23, 3), 101),
+    "resnet152": Variant("resnet", Bottleneck, (3, 8, 36, 3), 152),
+    "vgg19":     Variant("vgg", None, tuple(VGG19_CONFIG), 19),      # no skip connections
 }
+MODELS = tuple(VARIANTS)
+
+
+def _variant(name: str) -> Variant:
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ValueError(f"model: {name!r} is not allowed; allowed: {', '.join(VARIANTS)}") from None
 
 
 def init_weights(model: nn.Module, init: str) -> nn.Module:
@@ -250,18 +246,17 @@ def init_weights(model: nn.Module, init: str) -> nn.Module:
 def build_model(name: str, skip: bool = False, num_classes: int = 10, batch_norm: bool = False,
                 init: str = "pytorch") -> nn.Module:
     """``build_model("resnet50", skip=False)`` is the notebook's network, freshly initialised."""
-    try:
-        factory = MODELS[name]
-    except KeyError:
-        raise ValueError(f"model: {name!r} is not allowed; allowed: {', '.join(MODELS)}") from None
-    return init_weights(factory(skip=skip, num_classes=num_classes, batch_norm=batch_norm), init)
+    v = _variant(name)
+    if v.family == "vgg":
+        model = VGG(list(v.stages), skip=skip, num_classes=num_classes, batch_norm=batch_norm,
+                    name=name)
+    else:
+        model = ResNet(v.block, list(v.stages), skip=skip, num_classes=num_classes,
+                       batch_norm=batch_norm)
+    return init_weights(model, init)
 
 
 # --- probe points ------------------------------------------------------------------------------
-# Blocks per stage of each ResNet, and the name of a block's last conv.
-_RESNETS = {"resnet18": ([2, 2, 2, 2], "conv2"), "resnet34": ([3, 4, 6, 3], "conv2"),
-            "resnet50": ([3, 4, 6, 3], "conv3"), "resnet101": ([3, 4, 23, 3], "conv3"),
-            "resnet152": ([3, 8, 36, 3], "conv3")}
 # VGG-19's defaults as conv ordinals (0-15): conv1_1 (the stem), conv1_2, conv3_1 and conv4_4
 # (the last conv of the fourth of five blocks), like resnet50's stem, first block, second
 # stage and end of the third stage.
@@ -275,19 +270,17 @@ def default_layers(name: str, batch_norm: bool = False) -> tuple[str, ...]:
     the other ResNets the same places (the last conv of layer3's last block). VGG's
     ``features`` indices move with ``batch_norm`` (conv, BN, ReLU per width).
     """
-    if name in _RESNETS:
-        depths, last_conv = _RESNETS[name]
+    v = _variant(name)
+    if v.family == "resnet":
         return ("conv1", "layer1.0.conv1", "layer2.0.conv2",
-                f"layer3.{depths[2] - 1}.{last_conv}", "fc")
-    if name == "vgg19":
-        per_conv = 3 if batch_norm else 2
-        convs, index = [], 0
-        for v in VGG19_CONFIG:
-            if v != "M":
-                convs.append(index)
-            index += 1 if v == "M" else per_conv
-        return tuple(f"features.{convs[i]}" for i in _VGG_DEFAULT_CONVS) + ("classifier.6",)
-    raise ValueError(f"model: {name!r} is not allowed; allowed: {', '.join(MODELS)}")
+                f"layer3.{v.stages[2] - 1}.{v.block.last_conv}", "fc")
+    per_conv = 3 if batch_norm else 2
+    convs, index = [], 0
+    for width in v.stages:
+        if width != "M":
+            convs.append(index)
+        index += 1 if width == "M" else per_conv
+    return tuple(f"features.{convs[i]}" for i in _VGG_DEFAULT_CONVS) + ("classifier.6",)
 
 
 def all_layers(model: nn.Module, image_size: int = 32) -> list[str]:

@@ -26,11 +26,11 @@ import pandas as pd
 from . import data, distributed, names, plots, query, tracking, train
 from .config import (SWEEP_GRID_FIELDS, Config, SweepConfig, UserError, cell_name,
                      to_params)
+from .models import VARIANTS
 from .tracking import Tracker
 
 # The figure's x axis: each model's number of weight layers, as in its name.
-DEPTH = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152,
-         "vgg19": 19}
+DEPTH = {name: variant.depth for name, variant in VARIANTS.items()}
 # Seconds a parallel training process gets to end its run (KILLED) after SIGTERM.
 STOP_GRACE_S = 60
 
