@@ -38,7 +38,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import distributed, engine  # noqa: E402
-from pipeline.data import rank_share  # noqa: E402
+from pipeline.samplers import rank_share  # noqa: E402
 from pipeline.models import build_model, default_layers  # noqa: E402
 from pipeline.probes import GradientProbes  # noqa: E402
 

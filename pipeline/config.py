@@ -56,6 +56,10 @@ class UserError(Exception):
     """
 
 
+class DataError(UserError, RuntimeError):
+    """Data that is missing, unreachable or unreadable."""
+
+
 class ConfigError(UserError, ValueError):
     """A bad parameter value."""
 

@@ -1,25 +1,13 @@
-"""Datasets and batches: CIFAR-10 (torchvision), an ImageFolder tree, or synthetic images.
+"""Datasets and their batches: CIFAR-10 (torchvision), an ImageFolder tree, or synthetic
+images, through the notebook's transform (Resize + ToTensor, no normalisation).
 
-Every dataset yields PIL images through the notebook's transform, Resize((size, size)) +
-ToTensor with no normalisation, so all three feed the network the same kind of input.
-
-Two ways to batch them (``data_path``), with the same order and the same pixels:
-
-* ``dataloader``: CPU worker processes run the PIL transform per image: the notebook's way,
-  and the reference. On a GPU it starves the step: 17.6 ms of PIL per batch of 16 against a
-  6.6 ms training step (shared/reference/measurements.md).
-* ``device``: the split is decoded once into a uint8 tensor on the training device and every
-  batch is one gather there. Images are resized on the device by ``pil_resize``, which does
-  PIL's own fixed-point bilinear arithmetic, so the pixels equal the notebook's bit for bit:
-  once up front when the resized set fits in device memory (CIFAR-10 at 224 px: 7.5 GB +
-  1.5 GB), else per batch from the native images (CIFAR: 150 MB). tests/test_engine.py
-  checks each case against the ``dataloader`` path.
+``build`` batches them one of two ways (``data_path``), with the same order and the same
+pixels: ``dataloader`` (CPU workers run PIL per image: the notebook's way, the reference)
+or ``device`` (``device_data``: decoded once on the training device, resized there with
+PIL's exact arithmetic). Docs: getting-started/data.md, internals/data.md.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import gc
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -31,14 +19,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 
-from . import signals
-from .config import Config, UserError
+from . import device_data, signals
+from .config import Config, DataError
+from .device_data import EVAL_BATCH, RESIZE_NOTES, DeviceBatches
+from .samplers import EpochOrder, ShardedBatches, global_batches
 
 NUM_CLASSES = 10
-
-
-class DataError(UserError, RuntimeError):
-    """Data that is missing, unreachable or unreadable."""
 
 
 def notebook_transform(image_size: int) -> transforms.Compose:
@@ -184,343 +170,6 @@ def _synthetic(cfg: Config, transform) -> tuple[Dataset, Dataset, str, list[Line
     return train, test, f"synthetic CIFAR-shaped data (seed {cfg.seed})", lineage
 
 
-class EpochOrder(torch.utils.data.Sampler):
-    """The seeded shuffle of every epoch (``RandomSampler`` with its own generator), which
-    remembers where each epoch's draw started, and can start an epoch part-way through:
-    what a checkpoint saves and a resume restores.
-
-    ``start_state`` is the generator state before this epoch's draw; ``resume(state,
-    skip)`` makes the next epoch redraw from ``state`` and drop its first ``skip`` indices.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int):
-        self.sampler = torch.utils.data.RandomSampler(
-            dataset, generator=torch.Generator().manual_seed(seed))
-        self.start_state = self.sampler.generator.get_state()
-        self._skip = 0
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __iter__(self):
-        self.start_state = self.sampler.generator.get_state()
-        skip, self._skip = self._skip, 0
-        # list(): one draw per epoch, exactly as RandomSampler's own iterator draws it.
-        yield from list(self.sampler)[skip:]
-
-    def resume(self, state: torch.Tensor, skip: int) -> None:
-        self.sampler.generator.set_state(state)
-        self._skip = skip
-
-
-def global_batches(n: int, batch_size: int, world_size: int = 1):
-    """(start, stop) of each global batch of an epoch of ``n`` images that is trained on.
-
-    Every rank takes an equal share of a batch, so with several ranks an epoch's last,
-    partial batch is kept only when it splits evenly (CIFAR-10 at batch 16: 50,000 = 3,125
-    x 16, nothing is left over); otherwise it is dropped, and the ``data.dropped_per_epoch``
-    tag says how many images that is. One process keeps it, as the notebook did.
-    """
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        if (stop - start) % world_size == 0:
-            yield start, stop
-
-
-def rank_share(start: int, stop: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Rank ``rank``'s contiguous slice of the global batch [start, stop)."""
-    share = (stop - start) // world_size
-    return start + rank * share, start + (rank + 1) * share
-
-
-class ShardedBatches(torch.utils.data.Sampler):
-    """A DataLoader's batch sampler: the global batches of ``order`` (the seeded epoch order
-    every rank draws alike), and this rank's share of each. With one process these are
-    exactly the batches of ``DataLoader(sampler=order, batch_size=...)``."""
-
-    def __init__(self, order: EpochOrder, batch_size: int, rank: int = 0, world_size: int = 1):
-        self.order, self.batch_size = order, batch_size
-        self.rank, self.world_size = rank, world_size
-
-    def __len__(self) -> int:
-        return sum(1 for _ in global_batches(len(self.order), self.batch_size, self.world_size))
-
-    def __iter__(self):
-        index = list(self.order)  # one draw per epoch (a resumed epoch's is shorter)
-        for start, stop in global_batches(len(index), self.batch_size, self.world_size):
-            lo, hi = rank_share(start, stop, self.rank, self.world_size)
-            yield index[lo:hi]
-
-
-# The device path's test batches: evaluation has no probes and no optimizer, and 16 images
-# per forward would make it host-bound (~2 s per epoch on an H200); the batch size changes
-# only the order of the sums.
-EVAL_BATCH = 256
-
-
-class DeviceBatches:
-    """Batches gathered from a uint8 split that lives on the device; iterates like a
-    DataLoader, in the same order as ``order`` (the CPU path's sampler) when one is given."""
-
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, batch_size: int,
-                 image_size: int, order: torch.utils.data.Sampler | None = None,
-                 rank: int = 0, world_size: int = 1):
-        self.images, self.targets = images, targets
-        self.batch_size, self.image_size, self.order = batch_size, image_size, order
-        self.rank, self.world_size = rank, world_size  # this rank's share of each batch
-        self.resize_each_batch = images.shape[-1] != image_size or images.shape[-2] != image_size
-
-    def __len__(self) -> int:
-        return sum(1 for _ in global_batches(len(self.targets), self.batch_size, self.world_size))
-
-    def __iter__(self):
-        device = self.images.device
-        if self.order is None:
-            index = None
-        else:
-            # The sampler itself draws the epoch's order, so both paths see the same batches
-            # (it also advances its generator exactly as the loader's would). ~3 ms per
-            # epoch on the host, then one copy; never inside a step.
-            index = torch.as_tensor(list(self.order), dtype=torch.int64)
-            if device.type == "cuda":
-                index = index.pin_memory()
-            index = index.to(device, non_blocking=True)
-        n = len(self.targets) if index is None else len(index)  # a resumed epoch is shorter
-        for start, stop in global_batches(n, self.batch_size, self.world_size):
-            start, stop = rank_share(start, stop, self.rank, self.world_size)
-            if index is None:
-                x, y = self.images[start:stop], self.targets[start:stop]
-            else:
-                pick = index[start:stop]
-                x, y = self.images.index_select(0, pick), self.targets.index_select(0, pick)
-            if self.resize_each_batch:
-                x = pil_resize(x, self.image_size)
-            # ToTensor's own arithmetic (float, then divide by 255), for identical inputs.
-            yield x.float().div_(255), y
-
-
-# PIL's bilinear resize (Pillow src/libImaging/Resample.c), which torchvision's Resize
-# runs on PIL images: per axis, weights in double, rounded to integers scaled by 2^22
-# (PRECISION_BITS = 32 - 8 - 2); each output is (2^21 + sum(pixel * k)) >> 22, clipped to
-# 0..255; horizontal pass first, its result stored as uint8, then vertical.
-_PRECISION_BITS = 22
-_SCRATCH_BYTES = 256 << 20  # float64 working memory per chunk of images
-
-
-@functools.lru_cache(maxsize=64)
-def _pil_coefficients(in_size: int, out_size: int) -> np.ndarray:
-    """Resample.c's integer weights as a dense (out_size, in_size) int64 matrix."""
-    # precompute_coeffs() with the bilinear filter (support 1), the same double operations
-    # in the same order, then normalize_coeffs_8bpc(). int() truncates like C's (int).
-    scale = in_size / out_size
-    filterscale = max(scale, 1.0)
-    support = 1.0 * filterscale
-    ss = 1.0 / filterscale
-    k = np.zeros((out_size, in_size), dtype=np.int64)
-    for xx in range(out_size):
-        center = (xx + 0.5) * scale
-        xmin = max(int(center - support + 0.5), 0)
-        xmax = min(int(center + support + 0.5), in_size) - xmin
-        w = [max(0.0, 1.0 - abs((x + xmin - center + 0.5) * ss)) for x in range(xmax)]
-        ww = 0.0
-        for v in w:  # summed in order: the normalisation must round like C's
-            ww += v
-        if ww != 0.0:
-            w = [v / ww for v in w]
-        k[xx, xmin:xmin + xmax] = [int((0.5 if v >= 0 else -0.5) + v * (1 << _PRECISION_BITS))
-                                   for v in w]
-    return k
-
-
-@functools.lru_cache(maxsize=64)
-def _pil_weights(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
-    """(in_size, out_size) float64 on ``device``: k / 2^22. Cached, so a per-batch resize
-    copies nothing from the host (no sync)."""
-    k = torch.from_numpy(_pil_coefficients(in_size, out_size)).to(torch.float64)
-    return k.mul_(2.0 ** -_PRECISION_BITS).t().contiguous().to(device)
-
-
-def _pil_pass(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    # float64 is exact: the weights (k / 2^22, k >= 0) sum to ~1, so every partial sum is a
-    # multiple of 2^-22 below 2^9, 31 significant bits of float64's 53, in any summation
-    # order (a GPU's GEMM too). + 0.5 then floor is Resample.c's (2^21 + sum) >> 22.
-    return (x @ weights).add_(0.5).floor_().clamp_(0, 255)
-
-
-def pil_resize(images: torch.Tensor, size: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> uint8 (N, C, size, size), bit for bit PIL's
-    ``Image.resize((size, size), BILINEAR)`` of each image, on the images' device.
-
-    Chunked so that the float64 scratch stays near 256 MB; ``out`` (uint8, on the same
-    device) receives the result when given.
-    """
-    if images.dtype != torch.uint8 or images.dim() != 4:
-        raise ValueError(f"pil_resize takes uint8 (N, C, H, W) images, not {images.dtype} "
-                         f"{tuple(images.shape)}")
-    n, c, h, w = images.shape
-    if out is None:
-        out = torch.empty((n, c, size, size), dtype=torch.uint8, device=images.device)
-    elif out.shape != (n, c, size, size) or out.device != images.device or out.dtype != torch.uint8:
-        raise ValueError(f"pil_resize: out must be uint8 {(n, c, size, size)} on {images.device}")
-    if (h, w) == (size, size):  # Image.resize returns a copy
-        return out.copy_(images)
-    scratch = 8 * c * (h * w + 2 * h * size + size * size)  # input, pass 1 (+ copy), pass 2
-    chunk = max(1, _SCRATCH_BYTES // scratch)
-    # ImagingResampleInner skips the pass of an axis whose size does not change.
-    wx = _pil_weights(w, size, images.device) if w != size else None
-    wy = _pil_weights(h, size, images.device) if h != size else None
-    for start in range(0, n, chunk):
-        x = images[start:start + chunk].to(torch.float64)
-        if wx is not None:
-            x = _pil_pass(x, wx)
-        if wy is not None:
-            x = _pil_pass(x.transpose(-1, -2), wy).transpose(-1, -2)
-        out[start:start + chunk].copy_(x)  # integral 0..255: the cast is exact
-    return out
-
-
-def _free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        # An earlier run of this process (`all`, `sweep`) may have left its memory in the
-        # caching allocator, where the driver counts it as used, or in reference cycles
-        # (a CUDA graph and its private pool). Free both first: ~0.1 s, once per run.
-        gc.collect()
-        torch.cuda.empty_cache()
-        return torch.cuda.mem_get_info(device)[0]
-    import psutil
-    return psutil.virtual_memory().available
-
-
-def _decoded_batches(dataset: Dataset, workers: int):
-    """(groups, labels) per loader batch, in order: the images decoded at their native size
-    as uint8, stacked per run of consecutive images of one size. Workers run the dataset's
-    own loading code and nothing else."""
-    return DataLoader(_Native(dataset), batch_size=512, num_workers=workers,
-                      collate_fn=_stack_by_size, worker_init_fn=signals.worker_init)
-
-
-def _decode(dataset: Dataset, workers: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Every image of ``dataset`` at its native size as uint8 (N, 3, H, W), and the labels;
-    None when the images differ in size."""
-    images, labels = [], []
-    for groups, y in _decoded_batches(dataset, workers):
-        if len(groups) != 1:
-            return None
-        images.append(groups[0])
-        labels.append(y)
-    if not images or len({tuple(x.shape[1:]) for x in images}) != 1:
-        return None
-    return torch.cat(images), torch.cat(labels)
-
-
-class _Native(Dataset):
-    """The wrapped dataset's images as uint8 CHW tensors, without its transform."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        image, label = _untransformed(self.dataset, i)
-        return transforms.functional.pil_to_tensor(image.convert("RGB")), label
-
-
-def _untransformed(dataset: Dataset, i: int):
-    if isinstance(dataset, Subset):
-        return _untransformed(dataset.dataset, dataset.indices[i])
-    saved = dataset.transform
-    dataset.transform = None  # only inside a loader worker's copy, or our own process
-    try:
-        return dataset[i]
-    finally:
-        dataset.transform = saved
-
-
-def _stack_by_size(batch):
-    groups, run = [], []
-    for x, _ in batch:
-        if run and x.shape != run[0].shape:
-            groups.append(torch.stack(run))
-            run = []
-        run.append(x)
-    if run:
-        groups.append(torch.stack(run))
-    return groups, torch.tensor([y for _, y in batch], dtype=torch.int64)
-
-
-def to_device(dataset: Dataset, image_size: int, device: torch.device, workers: int,
-              budget_bytes: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """The split as uint8 on ``device``, and how it got there (a ``RESIZE_NOTES`` key).
-
-    Loader workers only decode: the native images cross their shared memory (CIFAR-10:
-    150 MB), not resized ones (7.5 GB at 224 px). When the resized split fits in
-    ``budget_bytes``, each decoded batch is resized on the device as it arrives, so neither
-    the host nor the device ever holds the whole native split beside it. Otherwise the
-    native split stays on the device, to be resized per batch, which needs one image size;
-    DataError when that does not hold or does not fit either.
-    """
-    n = len(dataset)
-    if n * 3 * image_size * image_size + _SCRATCH_BYTES <= budget_bytes:
-        out = torch.empty((n, 3, image_size, image_size), dtype=torch.uint8, device=device)
-        labels = torch.empty(n, dtype=torch.int64)
-        start, resized = 0, False
-        for groups, y in _decoded_batches(dataset, workers):
-            labels[start:start + len(y)] = y
-            for x in groups:
-                resized |= tuple(x.shape[-2:]) != (image_size, image_size)
-                pil_resize(x.to(device), image_size, out=out[start:start + len(x)])
-                start += len(x)
-        return out, labels.to(device), "device-once" if resized else "native"
-    native = _decode(dataset, workers)
-    if native is None:
-        raise DataError(f"data_path: the images differ in size, and resized to {image_size} px "
-                        f"they do not fit on {device}; use -P data_path=dataloader")
-    images, labels = native
-    if images.numel() > budget_bytes:
-        raise DataError(f"data_path: the images do not fit on {device}, resized to "
-                        f"{image_size} px or at their own size; use -P data_path=dataloader")
-    return images.to(device), labels.to(device), "device-batch"
-
-
-RESIZE_NOTES = {
-    "native": "decoded once and kept on the device, already at the model's size, so not "
-              "resized (bit-exact)",
-    "device-once": "decoded once, resized once on the device with PIL's fixed-point bilinear "
-                   "arithmetic (bit-exact)",
-    "device-batch": "decoded once, kept at native size on the device, each batch resized there "
-                    "with PIL's fixed-point bilinear arithmetic (bit-exact)",
-}
-
-
-# The device splits kept between the runs of one `all` or `sweep` (``keep_prepared``):
-# split name -> (key, (images, labels, how)). None outside keep_prepared: a run started on
-# its own frees its splits when it ends.
-_kept: dict | None = None
-
-
-@contextlib.contextmanager
-def keep_prepared():
-    """Inside, a split prepared on the device is kept, and a later run with the same images
-    (the lineage digest, the same subset), image size and device takes it instead of
-    decoding and resizing again: `all` prepares CIFAR-10 once for both variants, `sweep`
-    once for all its cells. In the last H200 run, before the resize moved to the device,
-    it took ~13 s per variant (BENCHMARKS.md) of an experiment whose target is 6 minutes.
-    A kept split is the same tensor every run reads (batches gather copies; nothing writes
-    into it), so the pixels are those a fresh preparation gives. One split of each kind is kept: a run with other data drops the
-    kept one before preparing its own, so device memory never holds two. Nests."""
-    global _kept
-    outer = _kept
-    if outer is None:
-        _kept = {}
-    try:
-        yield
-    finally:
-        if outer is None:
-            _kept = None
-
-
 def _index_digest(dataset: Dataset) -> str | None:
     """Which images of the underlying split ``dataset`` holds, in order (None: all)."""
     indices = None
@@ -529,20 +178,6 @@ def _index_digest(dataset: Dataset) -> str | None:
         indices = [dataset.indices[i] for i in outer]
         dataset = dataset.dataset
     return None if indices is None else _digest(np.asarray(indices, dtype=np.int64).tobytes())
-
-
-def _take_kept(keys: dict) -> dict:
-    """The kept splits whose keys match; the others are dropped."""
-    if _kept is None:
-        return {}
-    for split in [s for s, (key, _) in _kept.items() if keys.get(s) != key]:
-        del _kept[split]
-    return {split: _kept[split][1] for split in keys if split in _kept}
-
-
-def _keep(split: str, key: tuple, prepared: tuple) -> None:
-    if _kept is not None:
-        _kept[split] = (key, prepared)
 
 
 def resolve_data_path(cfg: Config, device: torch.device) -> str:
@@ -584,15 +219,7 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1,
         splits = {"train": train, "test": test}  # in the order of their lineage entries
         keys = {split: (entry.digest, _index_digest(ds), cfg.image_size, str(device))
                 for (split, ds), entry in zip(splits.items(), lineage, strict=True)}
-        ready = _take_kept(keys)  # before measuring what is free: it drops what will not serve
-        reused = len(ready) == len(keys)
-        # Half of what is free: the network, its activations and the graph pool need the rest.
-        budget = _free_bytes(device) // 2 if not reused else 0
-        for split, ds in splits.items():
-            if split not in ready:
-                ready[split] = to_device(ds, cfg.image_size, device, workers, budget)
-                budget -= ready[split][0].numel()
-                _keep(split, keys[split], ready[split])
+        ready, reused = device_data.prepare(splits, keys, cfg.image_size, device, workers)
         (x_train, y_train, how), (x_test, y_test, _) = ready["train"], ready["test"]
         return Data(
             train=DeviceBatches(x_train, y_train, cfg.batch_size, cfg.image_size, order,

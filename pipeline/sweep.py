@@ -23,7 +23,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from . import data, distributed, names, plots, query, tracking, train
+from . import device_data, distributed, names, plots, query, tracking, train
 from .config import (SWEEP_GRID_FIELDS, Config, SweepConfig, UserError, cell_name,
                      to_params)
 from .models import VARIANTS
@@ -78,7 +78,7 @@ def run_sweep(cfg: Config, opts: SweepConfig) -> str:
         if opts.parallel > 1:
             _train_in_processes(todo, parent, experiment_id, opts.parallel)
         else:
-            with data.keep_prepared():  # the cells share the data: prepare it once
+            with device_data.keep_prepared():  # the cells share the data: prepare it once
                 for i, cell in enumerate(todo, 1):
                     click.echo(f"sweep: training {cell.name} ({i}/{len(todo)})", err=True)
                     try:

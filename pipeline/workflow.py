@@ -11,7 +11,7 @@ import dataclasses
 
 import click
 
-from . import compare, data, names, query, train
+from . import compare, device_data, names, query, train
 from .config import AllConfig, CompareConfig, Config, ConfigError, to_params
 from . import tracking
 from .tracking import Tracker
@@ -28,7 +28,7 @@ def run_all(cfg: Config, force: bool) -> str:
     parent = Tracker.start(f"all-{cfg.model}", params, {names.STEP_TAG: "all"},
                            experiment_id=experiment_id)
     # The variants share the data: prepare it once (a no-op with the CPU's DataLoader).
-    with parent.ending(), data.keep_prepared():
+    with parent.ending(), device_data.keep_prepared():
         ids = {}
         for skip in (False, True):
             variant_cfg = dataclasses.replace(cfg, skip=skip)

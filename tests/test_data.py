@@ -16,6 +16,7 @@ from PIL import Image
 from torchvision import transforms
 
 from pipeline import data as data_mod
+from pipeline import resize
 from pipeline.config import Config
 from pipeline.data import DataError, SyntheticCIFAR, build
 
@@ -374,7 +375,7 @@ def chw(images_hwc: np.ndarray) -> torch.Tensor:
 def test_pil_resize_equals_pils_bilinear_resize_bit_for_bit(height, width, size):
     rng = np.random.default_rng(height * 1000 + width * 10 + size)
     images = rng.integers(0, 256, (3, height, width, 3), dtype=np.uint8)
-    got = data_mod.pil_resize(chw(images), size)
+    got = resize.pil_resize(chw(images), size)
     assert got.dtype == torch.uint8 and got.shape == (3, 3, size, size)
     assert torch.equal(got, pil_reference(images, size))
 
@@ -388,23 +389,23 @@ def test_pil_resize_equals_pil_on_structured_and_saturated_images():
     extremes = np.stack([np.zeros((32, 32)), np.full((32, 32), 255), checker, ramp])
     images = np.concatenate([smooth, np.repeat(extremes[..., None], 3, -1).astype(np.uint8)])
     for size in (224, 36, 112, 17):
-        assert torch.equal(data_mod.pil_resize(chw(images), size), pil_reference(images, size)), size
+        assert torch.equal(resize.pil_resize(chw(images), size), pil_reference(images, size)), size
 
 
 def test_pil_resize_refuses_other_than_uint8_images_and_a_mis_shaped_out():
     with pytest.raises(ValueError, match="uint8"):
-        data_mod.pil_resize(torch.rand(2, 3, 8, 8), 16)
+        resize.pil_resize(torch.rand(2, 3, 8, 8), 16)
     with pytest.raises(ValueError, match="out must be"):
-        data_mod.pil_resize(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), 16,
+        resize.pil_resize(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), 16,
                             out=torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
 
 
 def test_pil_resize_gives_the_same_pixels_whatever_the_chunk_size(monkeypatch):
     images = chw(np.random.default_rng(1).integers(0, 256, (7, 32, 32, 3), dtype=np.uint8))
-    whole = data_mod.pil_resize(images, 48)
+    whole = resize.pil_resize(images, 48)
     for scratch in (1, 3 * 8 * 3 * (32 * 32 + 2 * 32 * 48 + 48 * 48)):  # chunks of 1; 3+3+1
-        monkeypatch.setattr(data_mod, "_SCRATCH_BYTES", scratch)
+        monkeypatch.setattr(resize, "SCRATCH_BYTES", scratch)
         out = torch.zeros(7, 3, 48, 48, dtype=torch.uint8)
-        assert data_mod.pil_resize(images, 48, out=out) is out
+        assert resize.pil_resize(images, 48, out=out) is out
         assert torch.equal(out, whole), scratch
     assert torch.equal(whole, pil_reference(images.permute(0, 2, 3, 1).numpy(), 48))

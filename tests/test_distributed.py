@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 
 from pipeline import distributed, engine
 from pipeline.config import Config, ConfigError
-from pipeline.data import ShardedBatches, EpochOrder, global_batches, rank_share
+from pipeline.samplers import ShardedBatches, EpochOrder, global_batches, rank_share
 from pipeline.models import all_layers, build_model
 from pipeline.probes import GradientProbes
 from runs_helpers import describe, free_port

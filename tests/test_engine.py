@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from pipeline import data as data_mod
-from pipeline import engine, names
+from pipeline import device_data, engine, names, resize
 from pipeline.config import DEFAULT_LAYERS, Config
 from pipeline.models import build_model
 from pipeline.probes import GradientProbes
@@ -68,7 +68,7 @@ def test_device_data_path_yields_the_dataloaders_batches_bit_for_bit_in_the_same
     loader = data_mod.build(cfg_for(data_path="dataloader", **cfg), CPU)
     device = data_mod.build(cfg_for(data_path="device", **cfg), CPU)
     assert device.path == "device" and loader.path == "dataloader"
-    assert device.resize == data_mod.RESIZE_NOTES["native" if image_size == 32 else "device-once"]
+    assert device.resize == device_data.RESIZE_NOTES["native" if image_size == 32 else "device-once"]
     assert device.train.images.shape[-1] == image_size
     assert len(device.train) == len(loader.train) == 6
     # Two epochs: the order changes between them, identically on both paths.
@@ -98,11 +98,11 @@ def test_device_data_path_resizes_each_batch_bit_for_bit_like_pil_when_memory_is
         monkeypatch, image_size):
     # Room for the native 32 px images (14 + 16 of 3 KB) but not for the resized set and
     # the resize's scratch: they stay on the device and each batch is resized there.
-    monkeypatch.setattr(data_mod, "_free_bytes", lambda device: 2 << 20)
+    monkeypatch.setattr(device_data, "_free_bytes", lambda device: 2 << 20)
     cfg = dict(image_size=image_size, batch_size=4, synthetic_size=14)
     loader = data_mod.build(cfg_for(data_path="dataloader", **cfg), CPU)
     device = data_mod.build(cfg_for(data_path="device", **cfg), CPU)
-    assert device.resize == data_mod.RESIZE_NOTES["device-batch"]
+    assert device.resize == device_data.RESIZE_NOTES["device-batch"]
     assert device.train.images.shape[-1] == device.test.images.shape[-1] == 32
     for (xr, yr), (xg, yg) in zip(loader.train, device.train, strict=True):
         assert xg.shape[-1] == image_size
@@ -124,7 +124,7 @@ def test_device_data_path_resizes_images_of_mixed_sizes_like_the_dataloader(tmp_
     cfg = dict(dataset="imagefolder", data_dir=tmp_path, image_size=33, batch_size=8)
     loader = data_mod.build(cfg_for(data_path="dataloader", **cfg), CPU)
     device = data_mod.build(cfg_for(data_path="device", **cfg), CPU)
-    assert device.resize == data_mod.RESIZE_NOTES["device-once"]
+    assert device.resize == device_data.RESIZE_NOTES["device-once"]
     for (xr, yr), (xg, yg) in zip(loader.train, device.train, strict=True):
         assert torch.equal(xr, xg) and torch.equal(yr, yg)
     xr, yr = map(torch.cat, zip(*loader.test))
@@ -135,7 +135,7 @@ def test_device_data_path_resizes_images_of_mixed_sizes_like_the_dataloader(tmp_
 def test_device_data_path_refuses_mixed_size_images_that_do_not_fit_with_a_one_line_error(
         tmp_path, monkeypatch):
     mixed_size_image_folder(tmp_path)
-    monkeypatch.setattr(data_mod, "_free_bytes", lambda device: 0)
+    monkeypatch.setattr(device_data, "_free_bytes", lambda device: 0)
     cfg = dict(dataset="imagefolder", data_dir=tmp_path, image_size=33, data_path="device")
     with pytest.raises(data_mod.DataError) as excinfo:
         data_mod.build(cfg_for(**cfg), CPU)
@@ -151,8 +151,8 @@ def splits(data: data_mod.Data) -> list[torch.Tensor]:
 def test_inside_keep_prepared_a_second_run_with_the_same_data_reads_the_same_tensors():
     cfg = cfg_for(data_path="device", image_size=36)
     fresh = data_mod.build(cfg, CPU)
-    assert not fresh.reused and data_mod._kept is None  # a run on its own keeps nothing
-    with data_mod.keep_prepared():
+    assert not fresh.reused and device_data._kept is None  # a run on its own keeps nothing
+    with device_data.keep_prepared():
         first = data_mod.build(cfg, CPU)
         second = data_mod.build(dataclasses.replace(cfg, skip=True, model="resnet18"), CPU)
     assert not first.reused and second.reused
@@ -160,12 +160,12 @@ def test_inside_keep_prepared_a_second_run_with_the_same_data_reads_the_same_ten
         assert a is b                # not prepared again
         assert torch.equal(a, c)     # and what a fresh preparation gives
     assert second.resize == fresh.resize
-    assert data_mod._kept is None
+    assert device_data._kept is None
 
 
 def test_a_run_with_other_data_drops_the_kept_split_before_preparing_its_own():
     cfg = cfg_for(data_path="device", image_size=36)
-    with data_mod.keep_prepared():
+    with device_data.keep_prepared():
         first = data_mod.build(cfg, CPU)
         kept = weakref.ref(first.train.images)
         del first
@@ -173,7 +173,7 @@ def test_a_run_with_other_data_drops_the_kept_split_before_preparing_its_own():
         assert not other.reused and other.train.images.shape[-1] == 40
         gc.collect()
         assert kept() is None  # device memory never holds both sets
-    assert data_mod._kept is None
+    assert device_data._kept is None
 
 
 def test_a_changed_test_sample_is_prepared_again_while_the_training_split_is_reused(tmp_path):
@@ -182,7 +182,7 @@ def test_a_changed_test_sample_is_prepared_again_while_the_training_split_is_reu
     make_image_folder(tmp_path, per_class={"train": 2, "test": 2}, size=(20, 24))
     cfg = cfg_for(dataset="imagefolder", data_dir=tmp_path, data_path="device", max_steps=1,
                   batch_size=4, seed=1)
-    with data_mod.keep_prepared():
+    with device_data.keep_prepared():
         first = data_mod.build(cfg, CPU)
         second = data_mod.build(dataclasses.replace(cfg, seed=2), CPU)
     fresh = data_mod.build(dataclasses.replace(cfg, seed=2), CPU)
@@ -203,7 +203,7 @@ def test_pil_resize_on_the_gpu_equals_pils_resize_bit_for_bit():
     for size in (224, 36, 112, 17):
         want = torch.stack([pil_to_tensor(Image.fromarray(im).resize((size, size), Image.BILINEAR))
                             for im in images.numpy()])
-        got = data_mod.pil_resize(images.permute(0, 3, 1, 2).contiguous().cuda(), size)
+        got = resize.pil_resize(images.permute(0, 3, 1, 2).contiguous().cuda(), size)
         assert torch.equal(got.cpu(), want), size
 
 
