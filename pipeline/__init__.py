@@ -21,6 +21,7 @@ def code_version() -> str:
     to any module (even uncommitted) retrains instead of reusing a stale result.
     """
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    root = Path(__file__).parent
+    for path in sorted(root.rglob("*.py")):  # subpackages (tracking/) too
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]

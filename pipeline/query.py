@@ -154,6 +154,11 @@ def get_run(run_id: str):
         raise QueryError(f"runs: no run with ID {run_id!r} in {mlflow.get_tracking_uri()}") from None
 
 
+def experiment_of(run_id: str):
+    """The experiment run ``run_id`` belongs to."""
+    return MlflowClient().get_experiment(get_run(run_id).info.experiment_id)
+
+
 def probe_quantities(run) -> list[str]:
     """What the run's probes measured, judged by its metrics: ``output`` (``grad_norm/*``)
     and/or ``weight`` (``weight_grad_norm/*``), in that order; empty for other runs."""
@@ -268,5 +273,5 @@ def final_metrics(run) -> dict[str, float]:
 
 
 __all__ = ["QueryError", "experiment_id", "experiment_ref", "find_experiment", "find_runs",
-           "param_value", "find_reusable", "get_run", "run_config", "probe_quantities", "probed_layers",
+           "param_value", "find_reusable", "get_run", "experiment_of", "run_config", "probe_quantities", "probed_layers",
            "gradient_history", "final_metrics", "metric_histories", "dense_norms"]

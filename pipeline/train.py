@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import torch
 from torch import nn
@@ -348,7 +349,7 @@ def find_resume_point(cfg: Config) -> ResumePoint:
     try:
         logged = query.run_config(run_id)
     except UserError as e:
-        uri = tracking.mlflow.get_tracking_uri()
+        uri = mlflow.get_tracking_uri()
         where = "" if uri in str(e) else f" in {uri}"  # said once
         raise ConfigError("resume", f"{run_id!r} is not a training run of this project{where} "
                                     f"({e}); allowed: the ID of a run this project trained, "
