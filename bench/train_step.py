@@ -49,7 +49,7 @@ from pipeline import config, engine, names  # noqa: E402
 from pipeline import data as data_mod  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.probes import GradientProbes  # noqa: E402
-from pipeline.train import precision_mode  # noqa: E402
+from pipeline.devices import precision_mode  # noqa: E402
 
 LAYERS = config.DEFAULT_LAYERS
 

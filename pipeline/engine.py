@@ -327,27 +327,50 @@ class Step:
         self.loss.zero_()
 
 
-def run_steps(step: Step, batches, device: torch.device, probes=None, submit=None,
-              on_step=None, limit: int | None = None, stop=None) -> tuple[int, int]:
-    """Train on ``batches`` (an iterable of (x, y)); returns (steps, images).
-
-    Per step the host only launches work: the batch's copy (a no-op when it is already on
-    the device), the step, and the probes' row count; ``submit`` receives each chunk the
-    probes hand out. ``on_step(i)`` runs after each step; ``limit`` stops early, and so
-    does ``stop()`` when it returns true (a host flag: checking it costs no sync).
+def steps(step: Step, batches, device: torch.device, probes=None):
+    """Train on ``batches`` (an iterable of (x, y)), yielding after each step the chunk the
+    probes hand out (or None) and the batch's number of images; the caller decides when to
+    stop. Per step the host only launches work: the batch's copy (a no-op when it is
+    already on the device), the step, and the probes' row count.
     """
-    steps = images = 0
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         step(x, y)
-        if probes is not None:
-            chunk = probes.advance()
-            if submit is not None:
-                submit(chunk)
-        images += y.shape[0]  # a shape, not a value: no sync
-        if on_step is not None:
-            on_step(steps)
-        steps += 1
-        if (limit is not None and steps >= limit) or (stop is not None and stop()):
+        yield (probes.advance() if probes is not None else None), y.shape[0]  # a shape: no sync
+
+
+def run_steps(step: Step, batches, device: torch.device, probes=None, submit=None,
+              limit: int | None = None) -> tuple[int, int]:
+    """``steps`` to the end of ``batches`` (or ``limit`` steps), each chunk to ``submit``;
+    returns (steps, images). For benchmarks and tests; the training loop drives ``steps``."""
+    done = images = 0
+    for chunk, n in steps(step, batches, device, probes):
+        if submit is not None:
+            submit(chunk)
+        done, images = done + 1, images + n
+        if limit is not None and done >= limit:
             break
-    return steps, images
+    return done, images
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, autocast, comm=None):
+    """Mean loss and accuracy on the test split; one host sync at the end. Under DDP each
+    rank tests its share (data.build strides the split) and the sums are reduced."""
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast():
+            out = model(x)
+        loss_sum += nn.functional.cross_entropy(out.float(), y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
+        seen += y.numel()
+    model.train()
+    if comm is not None and comm.size > 1:
+        seen_t = torch.tensor(seen, dtype=torch.int64, device=device)
+        comm.sum_(loss_sum, correct, seen_t)
+        seen = int(seen_t.item())
+    return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)

@@ -151,6 +151,33 @@ class Collector:
         return out
 
 
+class NonFiniteWatch:
+    """Counts NaN/Inf losses and norms as chunks reach the host (in the writer thread, so
+    the training loop never waits); remembers the first."""
+
+    def __init__(self, keys: list[str], first_step: int):
+        self.keys, self.next_step = keys, first_step
+        self.count = 0
+        self.first: tuple[int, str, float] | None = None
+
+    def __call__(self, values: np.ndarray) -> None:
+        bad = ~np.isfinite(values)
+        if bad.any():
+            self.count += int(bad.sum())
+            if self.first is None:
+                r, c = np.argwhere(bad)[0]
+                self.first = (self.next_step + int(r), self.keys[c], float(values[r, c]))
+        self.next_step += len(values)
+
+    @property
+    def tags(self) -> dict[str, str]:
+        if self.first is None:
+            return {names.NONFINITE_COUNT_TAG: "0"}
+        step, key, value = self.first
+        return {names.NONFINITE_COUNT_TAG: str(self.count),
+                names.NONFINITE_FIRST_TAG: f"{key}={value} at step {step}"}
+
+
 def save_npz(path, arrays: dict[str, np.ndarray]) -> None:
     with open(path, "wb") as f:
         np.savez_compressed(f, **arrays)

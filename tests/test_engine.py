@@ -35,7 +35,7 @@ from pipeline import device_data, engine, names, resize
 from pipeline.config import DEFAULT_LAYERS, Config
 from pipeline.models import build_model
 from pipeline.probes import GradientProbes
-from pipeline.train import precision_mode
+from pipeline.devices import precision_mode
 
 from conftest import describe_process, make_image_folder, run_pipeline
 

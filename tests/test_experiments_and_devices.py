@@ -11,7 +11,7 @@ import torch
 from mlflow import MlflowClient
 from torch import nn
 
-from pipeline import train
+from pipeline import devices
 from pipeline.config import DEFAULT_EXPERIMENT, Config, ConfigError
 from pipeline.probes import GradientProbes
 
@@ -92,21 +92,21 @@ def test_mlflow_run_with_a_disagreeing_experiment_parameter_is_refused_and_its_r
 # --- the device ------------------------------------------------------------------------------
 def test_device_auto_prefers_cuda_then_mps_then_the_cpu():
     expected = ("cuda" if torch.cuda.is_available() else
-                "mps" if train.mps_available() else "cpu")
-    assert train.resolve_device("auto").type == expected
+                "mps" if devices.mps_available() else "cpu")
+    assert devices.resolve_device("auto").type == expected
 
 
 def test_asking_for_an_absent_mps_device_names_the_parameter_and_what_is_there():
-    if train.mps_available():
+    if devices.mps_available():
         pytest.skip("this machine has MPS")
     with pytest.raises(ConfigError, match=r"^device: mps was asked for .*allowed here: auto, .*cpu"):
-        train.resolve_device("mps")
+        devices.resolve_device("mps")
 
 
 def test_an_mps_run_says_in_one_line_what_works_differently_there():
-    (line,) = train.device_notes(torch.device("mps"))
+    (line,) = devices.device_notes(torch.device("mps"))
     assert "float32" in line and "CPU" in line
-    assert train.device_notes(torch.device("cpu")) == []
+    assert devices.device_notes(torch.device("cpu")) == []
 
 
 def test_mps_is_an_allowed_device_value():

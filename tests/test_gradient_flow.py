@@ -321,11 +321,11 @@ def test_a_resume_that_another_resume_finished_meanwhile_is_refused_and_leaves_i
         tracking_store):
     from mlflow import MlflowClient
 
-    from pipeline import distributed, train
+    from pipeline import distributed, plan, train
 
     run_id = _stopped_after_its_last_step(tracking_store)
     client = MlflowClient()
-    slow = train.preflight(Config(resume=run_id, device="cpu"))  # checked: resumable then
+    slow = plan.resolve(Config(resume=run_id, device="cpu"))  # checked: resumable then
     train.run(Config(resume=run_id, device="cpu"))  # the other resume, done first
     finished = client.get_run(run_id)
     with pytest.raises(ConfigError, match="^resume: .*(FINISHED|no checkpoint)"):

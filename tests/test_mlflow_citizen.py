@@ -23,11 +23,11 @@ from mlflow.models import Model
 
 import pipeline
 from pipeline import data as data_mod
-from pipeline import names, query, train
+from pipeline import names, plan, query, train
 from pipeline.config import Config, ConfigError
 from pipeline.models import build_model
 from pipeline.progress import Progress, format_duration
-from pipeline.train import resolve_device
+from pipeline.devices import resolve_device
 
 from conftest import describe_process, make_image_folder, run_pipeline
 
@@ -430,7 +430,7 @@ def test_rerun_trains_a_new_finished_run_whose_norms_and_losses_are_bitwise_equa
     assert new.data.params == client.get_run(original).data.params
 
     before, after = norm_and_loss_histories(original), norm_and_loss_histories(new.info.run_id)
-    assert len(before) == len(train.resolve_layers(Config())) + 1
+    assert len(before) == len(plan.resolve_layers(Config())) + 1
     assert set(after) == set(before)
     for key, points in before.items():
         assert [s for s, _ in points] == list(range(CLI_STEPS)), key

@@ -16,7 +16,7 @@ import torch
 import torchvision
 from torch import nn
 
-from pipeline import config, models, names, query, train
+from pipeline import config, models, names, plan, query
 from pipeline.config import Config, ConfigError
 from pipeline.models import all_layers, build_model, default_layers
 from pipeline.probes import check_layers
@@ -310,10 +310,10 @@ def test_layers_auto_mixed_with_names_is_refused_in_one_line():
 
 
 def test_train_resolves_layers_auto_to_the_models_defaults_and_keeps_explicit_names():
-    assert train.resolve_layers(Config()) == config.DEFAULT_LAYERS
+    assert plan.resolve_layers(Config()) == config.DEFAULT_LAYERS
     vgg = Config(model="vgg19", batch_norm=True)
-    assert train.resolve_layers(vgg) == default_layers("vgg19", batch_norm=True)
-    assert train.resolve_layers(Config(layers=("fc", "conv1"))) == ("fc", "conv1")
+    assert plan.resolve_layers(vgg) == default_layers("vgg19", batch_norm=True)
+    assert plan.resolve_layers(Config(layers=("fc", "conv1"))) == ("fc", "conv1")
 
 
 def test_probed_layers_of_an_auto_run_follow_the_resolved_tag_input_side_first():

@@ -200,11 +200,11 @@ def test_resuming_a_run_its_process_still_trains_is_refused_in_one_line_and_leav
 
 
 def test_the_printed_resume_command_names_the_checkpoint_dir_unless_it_is_the_default():
-    from pipeline import train
+    from pipeline import resume
     from pipeline.config import Config
 
-    assert train.resume_args(Config(), "abc") == "-P resume=abc"
-    assert (train.resume_args(Config(checkpoint_dir="/data/ck"), "abc")
+    assert resume.resume_args(Config(), "abc") == "-P resume=abc"
+    assert (resume.resume_args(Config(checkpoint_dir="/data/ck"), "abc")
             == "-P resume=abc -P checkpoint_dir=/data/ck")
 
 

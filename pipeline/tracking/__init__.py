@@ -13,7 +13,7 @@ store (``sqlite:///mlflow.db``, artifacts under ``./mlruns``).
 """
 from .credentials import (CREDENTIAL_VARS, TrackingError, check_access, is_unreachable,
                           public_uri, redact)
-from .experiments import check_experiment, use_experiment
+from .experiments import Target, open_experiment, resolve as resolve_experiment, use_experiment
 from .outbox import Outbox
 from .run import NOTE_LIMIT, Silent, Tracker
 from .spool import (FAIL_FAST_ENV, MAX_METRICS_PER_CALL, SPOOL_DIR_ENV, SYNC_TIMEOUT_ENV, Spool,
@@ -23,6 +23,7 @@ from .writer import MetricWriter
 
 __all__ = ["CREDENTIAL_VARS", "FAIL_FAST_ENV", "MAX_METRICS_PER_CALL", "NOTE_LIMIT",
            "SPOOL_DIR_ENV", "SYNC_TIMEOUT_ENV", "MetricWriter", "Outbox", "Silent", "Spool",
-           "Tracker", "TrackingError", "check_access", "check_experiment", "end_if_running",
-           "fail_pending_run", "fail_run", "is_unreachable", "mark_launcher", "public_uri",
-           "redact", "spool_root", "sync", "sync_timeout", "use_experiment"]
+           "Target", "Tracker", "TrackingError", "check_access", "end_if_running",
+           "fail_pending_run", "fail_run", "is_unreachable", "mark_launcher", "open_experiment", "public_uri",
+           "redact", "resolve_experiment", "spool_root", "sync", "sync_timeout",
+           "use_experiment"]

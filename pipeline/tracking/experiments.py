@@ -3,6 +3,7 @@ it does not exist yet."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -12,28 +13,53 @@ from .. import query
 from ..config import AUTO, ConfigError
 from .credentials import check_access
 
-def check_experiment(experiment: str) -> str | None:
-    """Under `mlflow run`, the ID of the experiment it opened the run in; None otherwise.
+@dataclass(frozen=True)
+class Target:
+    """Where a run goes, resolved before it opens: an experiment's ID, or (ID None) the name
+    of one to create when the run opens."""
 
-    An MLflow run cannot move, so a different explicit ``experiment`` is refused with the
-    fix. Cheap (one read of an existing store), so it runs before any data work.
-    """
-    return _checked_experiment(experiment)[0]
+    experiment_id: str | None
+    name: str
 
 
-def _checked_experiment(experiment: str):
-    """``check_experiment``'s ID, and otherwise the usable experiment found (or None)."""
+def resolve(experiment: str) -> Target:
+    """What ``experiment`` (a parameter value; ``auto`` as in ``query.experiment_ref``)
+    names. Under `mlflow run`, the experiment it opened the run in: an MLflow run cannot
+    move, so a different explicit ``experiment`` is refused with the fix. Cheap (one read of
+    an existing store), so it runs before any data work."""
     check_access()  # the first call of a run to the server: credentials are checked here
     pending = os.environ.get("MLFLOW_RUN_ID")
-    if not pending:
-        return None, _usable_experiment(experiment)
-    found = query.experiment_of(pending)
-    exp_id, name = found.experiment_id, found.name
-    if experiment not in (AUTO, exp_id, name):
-        raise ConfigError("experiment", f"{experiment!r}, but `mlflow run` opened this run in "
-                                        f"experiment {name!r}; choose it there: mlflow run . "
-                                        f"--experiment-name {experiment} ...")
-    return exp_id, None
+    if pending:
+        found = query.experiment_of(pending)
+        if experiment not in (AUTO, found.experiment_id, found.name):
+            raise ConfigError("experiment", f"{experiment!r}, but `mlflow run` opened this run "
+                                            f"in experiment {found.name!r}; choose it there: "
+                                            f"mlflow run . --experiment-name {experiment} ...")
+        return Target(found.experiment_id, found.name)
+    found = _usable_experiment(experiment)
+    if found is not None:
+        return Target(found.experiment_id, found.name)
+    return Target(None, query.experiment_ref(experiment))
+
+
+def open_experiment(target: Target) -> str:
+    """The target's ID, the experiment created if it does not exist yet. Callers pass the
+    ID to ``Tracker.start``; ``mlflow.set_experiment`` is avoided, being process-wide state."""
+    if target.experiment_id is not None:
+        return target.experiment_id
+    try:
+        return MlflowClient().create_experiment(target.name)
+    except MlflowException as e:
+        # Two first runs started at once (two machines, one server) both find it missing;
+        # the second create fails. The experiment is there now: use it.
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return query.experiment_id(target.name)
+
+
+def use_experiment(experiment: str) -> str:
+    """``resolve`` then ``open_experiment``: for steps that open their run at once."""
+    return open_experiment(resolve(experiment))
 
 
 def _usable_experiment(experiment: str):
@@ -63,23 +89,3 @@ def _absent_sqlite(uri: str) -> bool:
     from sqlalchemy.engine import make_url
     database = make_url(uri).database
     return bool(database) and database != ":memory:" and not os.path.exists(database)
-
-
-def use_experiment(experiment: str) -> str:
-    """The ID of ``experiment`` (a parameter value; ``auto`` resolves as in
-    ``query.experiment_ref``), created if needed. Callers pass the ID to ``Tracker.start``;
-    ``mlflow.set_experiment`` is avoided, being process-wide state."""
-    pending, found = _checked_experiment(experiment)
-    if pending is not None:
-        return pending
-    if found is not None:
-        return found.experiment_id
-    name = query.experiment_ref(experiment)
-    try:
-        return MlflowClient().create_experiment(name)
-    except MlflowException as e:
-        # Two first runs started at once (two machines, one server) both find it missing;
-        # the second create fails. The experiment is there now: use it.
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-        return query.experiment_id(name)
