@@ -10,7 +10,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 P       ?=
 
-.PHONY: run test test-slow bench bench-ddp bench-compare install install-test install-server server clean-venv
+.PHONY: mlproject run test test-slow bench bench-ddp bench-compare install install-test install-server server clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -79,6 +79,10 @@ SERVER_ARGS ?=
 server: install-server
 	$(BIN)/mlflow server --backend-store-uri "$(DB_URI)" --serve-artifacts \
 	    --artifacts-destination "$(ARTIFACTS)" --host $(HOST) --port $(PORT) $(SERVER_ARGS)
+
+# MLproject is generated from pipeline/config.py; a test checks the committed file is current.
+mlproject: install
+	$(BIN)/python -m pipeline.mlproject
 
 clean-venv:
 	rm -rf $(VENV)

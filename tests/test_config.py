@@ -154,6 +154,13 @@ def test_to_params_renders_defaults_exactly_as_mlflow_logs_the_mlproject_default
 
 
 # --- MLproject ---------------------------------------------------------------------------------
+def test_the_committed_mlproject_is_what_the_generator_writes_from_config():
+    from pipeline import mlproject
+
+    committed = (REPO_ROOT / "MLproject").read_text()
+    assert committed == mlproject.render(), "stale MLproject: run python -m pipeline.mlproject"
+
+
 ENTRY_POINTS = {"main": None, "with_skip": "true", "without_skip": "false"}  # fixed --skip
 
 
