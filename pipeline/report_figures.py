@@ -161,8 +161,9 @@ def time_figure(title: str, curves: Mapping[str, tuple], colours: Mapping[str, s
     fmt = {f"@{c}": "printf" for c in ("med", "mn", "mx")}
     value = [("value", "@med{%.4g}")] if per == 1 else [
         ("median", "@med{%.4g}"), ("min to max", "@mn{%.3g} to @mx{%.3g}")]
+    # limit=1: ~1 bucket per pixel, so the cursor covers several; one readout, not a stack.
     p.add_tools(HoverTool(renderers=points, tooltips=[("layer", "$name"), at, *value],
-                          formatters=fmt, mode="mouse"))
+                          formatters=fmt, mode="mouse", limit=1))
     if marks:
         p.add_tools(HoverTool(renderers=[m for m in marks if m.glyph.marker == "inverted_triangle"],
                               tooltips=[("layer", "$name"), at, ("exact zeros", "@n"),

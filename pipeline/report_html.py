@@ -56,7 +56,11 @@ def _g(x) -> str:
 
 
 def _pct(x) -> str:
-    return "-" if x is None or not math.isfinite(float(x)) else f"{float(x):.0%}"
+    """A share; a few zeros among 31,250 steps must not read as 0%."""
+    if x is None or not math.isfinite(float(x)):
+        return "-"
+    x = float(x)
+    return "<0.1%" if 0 < x < 0.001 else f"{x:.1%}" if 0 < x < 0.01 else f"{x:.0%}"
 
 
 def _decades(a: float, b: float) -> float | None:

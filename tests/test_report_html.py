@@ -262,7 +262,8 @@ def test_every_exact_zero_is_marked_on_the_page_not_dropped():
     conv1 = next(s for s in marks if int(s["n"].sum()) == 50)
     assert conv1["lo"].min() <= 100 and conv1["hi"].max() >= 149
     assert "exact zero gradient" in page and "no log axis can show 0" in page
-    assert table_rows(page, "layers")[1][9] == "2%"  # conv1's zero steps: 50 of 3,125
+    zero_steps = [r[9] for r in table_rows(page, "layers")[1:3]]
+    assert zero_steps == ["2%", "0.2%"]  # 50 and 7 of 3,125 steps: a few zeros never read 0%
 
 
 def test_nan_and_inf_are_counted_in_the_table_and_marked_at_the_ceiling():
