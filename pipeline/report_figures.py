@@ -31,7 +31,6 @@ HEATMAP_COLUMNS = 120
 
 VARIANT_COLOURS = {"noskip": "#d62728", "skip": "#1f77b4"}   # plots.py's tab:red, tab:blue
 VARIANT_LABELS = {"noskip": "without skips", "skip": "with skips"}
-WIDTH = 1100
 TOOLS = "pan,box_zoom,wheel_zoom,reset,save"
 
 
@@ -95,7 +94,9 @@ def bucket(steps, values, max_points: int = MAX_POINTS, keep_nonpositive: bool =
 # --- figures -------------------------------------------------------------------------------
 def _figure(title: str, height: int = 380, y_log: bool = True, **kw):
     kw.setdefault("y_axis_type", "log" if y_log else "linear")
-    p = figure(title=title, width=WIDTH, height=height, tools=TOOLS, **kw)
+    # The page's width, whatever it is: MLflow's artifact viewer is ~560 px beside its
+    # assistant panel, a browser tab ~1,100 (the page's max-width).
+    p = figure(title=title, sizing_mode="stretch_width", height=height, tools=TOOLS, **kw)
     p.toolbar.logo = None  # the logo links to bokeh.org: nothing on the page points outside it
     p.title.text_font_size = "13px"
     return p
@@ -122,9 +123,10 @@ def _epoch_lines(p, steps: np.ndarray, steps_per_epoch: int | None) -> None:
 
 def time_figure(title: str, curves: Mapping[str, tuple], colours: Mapping[str, str],
                 y_label: str, steps_per_epoch: int | None = None, y_log: bool = True,
-                max_points: int = MAX_POINTS, height: int = 380):
+                max_points: int = MAX_POINTS, height: int = 380, layer: str | None = None):
     """Each series over the steps, bucketed: median line and points, min-max band, zeros at
-    the floor (▼) and NaN/Inf at the ceiling (×), all with hover readouts."""
+    the floor (▼) and NaN/Inf at the ceiling (×), all with hover readouts. The series are
+    layers, or (``layer`` given) runs of that one layer."""
     p = _figure(title, height, y_log)
     p.xaxis.axis_label, p.yaxis.axis_label = "step (batch)", y_label
     series = {name: bucket(s, v, max_points, keep_nonpositive=not y_log)
@@ -162,15 +164,16 @@ def time_figure(title: str, curves: Mapping[str, tuple], colours: Mapping[str, s
     value = [("value", "@med{%.4g}")] if per == 1 else [
         ("median", "@med{%.4g}"), ("min to max", "@mn{%.3g} to @mx{%.3g}")]
     # limit=1: ~1 bucket per pixel, so the cursor covers several; one readout, not a stack.
-    p.add_tools(HoverTool(renderers=points, tooltips=[("layer", "$name"), at, *value],
+    who = [("layer", "$name")] if layer is None else [("layer", layer), ("run", "$name")]
+    p.add_tools(HoverTool(renderers=points, tooltips=[*who, at, *value],
                           formatters=fmt, mode="mouse", limit=1))
     if marks:
         p.add_tools(HoverTool(renderers=[m for m in marks if m.glyph.marker == "inverted_triangle"],
-                              tooltips=[("layer", "$name"), at, ("exact zeros", "@n"),
-                                        ("drawn at", f"{floor:.0e} (the floor)")]))
+                              tooltips=[*who, at, ("exact zeros", "@n"),
+                                        ("drawn at", f"{floor:.0e} (the floor)")], limit=1))
         p.add_tools(HoverTool(renderers=[m for m in marks if m.glyph.marker == "x"],
-                              tooltips=[("layer", "$name"), at, ("NaN/Inf values", "@n"),
-                                        ("drawn at", f"{ceiling:.3g} (the ceiling)")]))
+                              tooltips=[*who, at, ("NaN/Inf values", "@n"),
+                                        ("drawn at", f"{ceiling:.3g} (the ceiling)")], limit=1))
     all_steps = [np.asarray(s) for s, _ in curves.values()]
     _epoch_lines(p, np.concatenate(all_steps) if all_steps else np.zeros(0), steps_per_epoch)
     _legend_outside(p)

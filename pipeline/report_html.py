@@ -212,6 +212,17 @@ def _downsample_note(steps: int, per: int, floor: float | None, ceiling: float |
     return out + "Exact values: the run's metrics and <code>gradients/norms.npz</code>."
 
 
+def _marks_note(rows: Sequence[Mapping], floor: float, ceiling: float) -> str:
+    """What the edge marks of a figure of medians mean, for those it has."""
+    medians = np.array([float(r.get("median", math.nan)) for r in rows], dtype=np.float64)
+    out = []
+    if (medians == 0).any():
+        out.append(f"▼: a median of exactly zero, drawn at {floor:.0e} (no log axis can show 0).")
+    if (~np.isfinite(medians)).any():
+        out.append(f"×: a NaN/Inf median, drawn at {ceiling:.0e}.")
+    return " ".join(out)
+
+
 def _has(curves: Mapping[str, tuple], test) -> bool:
     return any(test(np.asarray(v, dtype=np.float64)).any() for _, v in curves.values())
 
@@ -352,14 +363,13 @@ def training_report(record: Mapping[str, np.ndarray], tags: Mapping[str, str], *
                 f"{max(1, -(-len(steps) // HEATMAP_COLUMNS)):,} steps; black: all of them "
                 "exactly zero; grey: all NaN/Inf. Input side at the top.", heat))
         rows = [{"layer": x, **stats[x], "status": statuses.get(x, "-")} for x in layers]
-        depth, *_ = depth_figure(f"Median L2 norm of {label[key]} against depth", layers,
-                                 {variant or "run": rows},
-                                 {variant or "run": VARIANT_COLOURS.get(variant, "#333333")},
-                                 f"L2 norm of {label[key]}")
+        depth, floor, ceiling = depth_figure(
+            f"Median L2 norm of {label[key]} against depth", layers, {variant or "run": rows},
+            {variant or "run": VARIANT_COLOURS.get(variant, "#333333")}, f"L2 norm of {label[key]}")
         figures.append(_Figure("Gradient against depth", "Median over all steps, the band "
                                "the 10th to 90th percentile; dashed and dotted: the first and "
-                               "last tenth of the steps. ▼: a median of exactly zero, at the "
-                               "floor; ×: a NaN/Inf median, at the ceiling.", depth))
+                               "last tenth of the steps. " + _marks_note(rows, floor, ceiling),
+                               depth))
     if key == "norms" and "weight_norms" in record:
         w = np.asarray(record["weight_norms"], dtype=np.float64).reshape(len(steps), len(layers))
         shown_w = [x for x in (every_step or pick_layers(layers)) if x in stats] or pick_layers(layers)
@@ -459,7 +469,7 @@ def _compare_figures(part: ComparePart, rows: list[dict], steps_per_epoch: int |
         fig, floor, ceiling, per = time_figure(
             f"{layer}: L2 norm of {part.label} (log axis)", curves,
             {v: VARIANT_COLOURS[v] for v in curves}, "L2 norm", steps_per_epoch,
-            max_points=max_points, height=300)
+            max_points=max_points, height=300, layer=layer)
         steps = max(len(c[0]) for c in curves.values())
         figures.append(_Figure(f"{part.heading}: {layer}", _downsample_note(
             steps, per, floor, ceiling, _has(curves, _zero), _has(curves, _bad)), fig))
@@ -470,14 +480,13 @@ def _compare_figures(part: ComparePart, rows: list[dict], steps_per_epoch: int |
     by_variant = {v: [r for r in rows if r["variant"] == v] for v in ("noskip", "skip")}
     for v in by_variant:
         by_variant[v].sort(key=lambda r: int(r["depth"]))
-    depth, *_ = depth_figure(f"Median L2 norm of {part.label} against depth", layers,
-                             {v: rs for v, rs in by_variant.items() if rs},
-                             VARIANT_COLOURS, f"L2 norm of {part.label}")
+    depth, floor, ceiling = depth_figure(f"Median L2 norm of {part.label} against depth", layers,
+                                         {v: rs for v, rs in by_variant.items() if rs},
+                                         VARIANT_COLOURS, f"L2 norm of {part.label}")
     figures.append(_Figure(f"{part.heading} against depth", "Median over the steps, the band "
                            "the 10th to 90th percentile, dashed and dotted: the first and last "
-                           "tenth of the steps; red without skips, blue with. ▼: a median of "
-                           "exactly zero, at the floor; ×: a NaN/Inf median, at the ceiling.",
-                           depth))
+                           "tenth of the steps; red without skips, blue with. "
+                           + _marks_note(rows, floor, ceiling), depth))
     return figures
 
 
@@ -615,8 +624,7 @@ def sweep_report(cells, *, skipped: Sequence[str] = (), description: str = "",
                                "Median over each network's training steps of the L2 norm of "
                                "dLoss/d(its first probed layer's output), whiskers the 10th to "
                                "90th percentile; solid: no BatchNorm, dashed: BatchNorm. "
-                               f"▼: a median of exactly zero, drawn at {floor:.0e}; ×: a NaN/Inf "
-                               f"median, drawn at {ceiling:.0e}.", fig))
+                               + _marks_note(rows, floor, ceiling), fig))
     table = _table(
         ["cell", "depth", "first layer", "steps", "median", "p10", "p90", "zero steps",
          "health", "test acc", "run"],
