@@ -37,9 +37,16 @@ SCREENSHOTS = REPO_ROOT / "tests" / "artifacts" / "report"
 LOAD_MS = 60_000
 KINDS = ("training", "compare", "sweep")
 CATEGORY10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"]
-# Colours each page's canvases must hold: the traces drew.
-COLOURS = {"training": CATEGORY10, "compare": ["#d62728", "#1f77b4"],
-           "sweep": ["#d62728", "#1f77b4"]}
+RED, BLUE = "#d62728", "#1f77b4"
+# Each figure (by its title's start) and the colours its canvas must hold: its traces drew.
+# The heatmap's darkest and brightest cells are the ends of Viridis256.
+FIGURES = {
+    "training": {"L2 norm of dLoss/d(layer output) per layer": CATEGORY10,
+                 "log10 L2 norm": ["#440154", "#fde724"],
+                 "Median L2 norm": [RED], "Training loss": ["#444444"]},
+    "compare": {"conv1:": [RED, BLUE], "fc:": [RED, BLUE], "Median L2 norm": [RED, BLUE]},
+    "sweep": {"First-layer gradient norm": [RED, BLUE]},
+}
 # URLs a page may load besides itself: inline data and its own blob.
 OWN = ("data:", "blob:", "about:")
 # The MLflow UI's own console errors, not the report's: it asks for the signed-in user, and a
@@ -189,14 +196,17 @@ _FIGURES_JS = """() => Object.values(Bokeh.index).filter(v => v.model.type === '
     ({title: v.model.title.text, glyphs: [...v.renderer_views.values()].filter(
         r => r.model.type === 'GlyphRenderer' && r.model.data_source.get_length() > 0).length}))"""
 
-# The pixels of each colour in all canvases (Bokeh draws in shadow roots).
-_COLOUR_PIXELS_JS = """(colours) => {
+# Per figure: its title and the pixels of each wanted colour in its canvases (in shadow roots).
+_COLOUR_PIXELS_JS = """(wanted) => Object.values(Bokeh.index).filter(v => v.model.type === 'Figure').map(v => {
+  const title = v.model.title.text;
+  const key = Object.keys(wanted).find(k => title.startsWith(k));
+  const colours = key === undefined ? [] : wanted[key];
   const canvases = [];
   const walk = (root) => root.querySelectorAll('*').forEach(e => {
     if (e.tagName === 'CANVAS') canvases.push(e);
     if (e.shadowRoot) walk(e.shadowRoot);
   });
-  walk(document);
+  walk(v.el.shadowRoot || v.el);
   const want = colours.map(c => [1, 3, 5].map(i => parseInt(c.slice(i, i + 2), 16)));
   const counts = colours.map(() => 0);
   for (const c of canvases) {
@@ -209,8 +219,8 @@ _COLOUR_PIXELS_JS = """(colours) => {
       });
     }
   }
-  return counts;
-}"""
+  return {title: title, key: key, pixels: Object.fromEntries(colours.map((c, k) => [c, counts[k]]))};
+})"""
 
 # Every URL an element of the rendered DOM (shadow roots included) points at.
 _REFS_JS = """() => {
@@ -298,8 +308,11 @@ def check_report(kind: str, page, frame, offset=(0.0, 0.0)) -> None:
     assert len(figures) == expected, figures
     assert all(f["glyphs"] > 0 for f in figures), figures
     page.wait_for_timeout(500)  # the canvases paint after layout
-    pixels = frame.evaluate(_COLOUR_PIXELS_JS, COLOURS[kind])
-    assert all(n > 50 for n in pixels), dict(zip(COLOURS[kind], pixels))
+    drawn = frame.evaluate(_COLOUR_PIXELS_JS, FIGURES[kind])
+    assert sorted(set(f["key"] for f in drawn)) == sorted(FIGURES[kind]), drawn
+    for f in drawn:
+        # > 150: more than a legend swatch (~60 px) or the colour bar (~40) holds alone
+        assert all(n > 150 for n in f["pixels"].values()), f"{f['title']}: {f['pixels']}"
     refs = [r for r in frame.evaluate(_REFS_JS) if not re.search(r"=(#|data:|blob:|about:)", r)]
     assert not refs, f"elements point outside the page: {refs}"
     if kind == "training":
