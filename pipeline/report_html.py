@@ -18,6 +18,7 @@ What the figures show and how they are downsampled: ``report_figures``.
 """
 from __future__ import annotations
 
+import functools
 import html
 import math
 import re
@@ -41,13 +42,11 @@ STATUS_CLASS = {"Healthy": "ok", "Weak": "weak", "Tiny": "tiny", "Vanishing": "b
 
 # --- numbers -------------------------------------------------------------------------------
 def _g(x) -> str:
-    """3 significant digits; NaN/Inf named; None as a dash."""
-    if x is None or x == "":
-        return "-"
+    """3 significant digits; NaN/Inf named; None (or anything not a number) as a dash."""
     try:
         x = float(x)
     except (TypeError, ValueError):
-        return html.escape(str(x))
+        return "-"
     if math.isnan(x):
         return "NaN"
     if math.isinf(x):
@@ -121,12 +120,11 @@ footer{margin-top:30px;color:#666;font-size:12px}
 """
 
 
+@functools.cache
 def _bokeh_js() -> str:
     """BokehJS core, inline (no widgets, tables, GL or MathJax bundles: nothing here uses
-    them). Read from the installed package: ~1.27 MB."""
-    if not hasattr(_bokeh_js, "cache"):
-        _bokeh_js.cache = Resources(mode="inline", components=["bokeh"]).render_js()
-    return _bokeh_js.cache
+    them). Read from the installed package once: ~1.27 MB."""
+    return Resources(mode="inline", components=["bokeh"]).render_js()
 
 
 def _md(text: str) -> str:
@@ -255,7 +253,7 @@ def _training_headline(tags: Mapping[str, str], layers: list[str], stats: dict,
     if health == "vanishing":
         layer = tags.get(names.FIRST_VANISHING_TAG, first)
         layer = layer if layer in stats else first
-        said = statuses.get(layer, "Vanishing")
+        said = html.escape(statuses.get(layer, "Vanishing"))
         out = f"The gradient vanishes: {c(layer)} is {said} (median {med(layer)}){versus(layer)}."
         if layer != first:
             out += f" The input side, {c(first)}: {med(first)}."
@@ -279,9 +277,34 @@ def _training_headline(tags: Mapping[str, str], layers: list[str], stats: dict,
         return f"The gradient explodes: {c(hot[0])} is Exploding (median {med(hot[0])}){versus(hot[0])}."
     if health == "healthy":
         return (f"Healthy, no layer vanishes: {c(first)} is "
-                f"{statuses.get(first, 'Healthy')} (median {med(first)}){versus(first)}.")
+                f"{html.escape(statuses.get(first, 'Healthy'))} (median {med(first)}){versus(first)}.")
     return (f"No diagnosis (the rules read output-gradient norms): {c(first)} has median "
             f"{med(first)}{versus(first)}.")
+
+
+def _training_points(tags: Mapping[str, str], layers: list[str], bad: int,
+                     bad_loss: int) -> list[str]:
+    """The diagnosis list: the tags in words, and the NaN/Inf counts (HTML)."""
+    points = [f"Health: <strong>{html.escape(tags.get(names.HEALTH_TAG, 'unknown'))}</strong> "
+              f"(tag <code>{names.HEALTH_TAG}</code>)."]
+    if names.FIRST_VANISHING_TAG in tags:
+        points.append(f"First vanishing layer, from the head down: "
+                      f"<code>{html.escape(tags[names.FIRST_VANISHING_TAG])}</code>.")
+    if names.FIRST_TO_LAST_TAG in tags and layers:
+        points.append(f"Median <code>{html.escape(layers[0])}</code> / median "
+                      f"<code>{html.escape(layers[-1])}</code>: "
+                      f"{html.escape(tags[names.FIRST_TO_LAST_TAG])}.")
+    if names.ZERO_STEP_FRACTION_TAG in tags:
+        points.append(f"Steps with every layer below the head at exactly zero: "
+                      f"{html.escape(tags[names.ZERO_STEP_FRACTION_TAG])}.")
+    if names.AT_CHANCE_TAG in tags:
+        points.append("The loss ended at chance level (a uniform guess): the network did not "
+                      "learn." if tags[names.AT_CHANCE_TAG] == "true" else
+                      "The loss ended away from chance level (a uniform guess's).")
+    if bad or bad_loss:
+        points.append(f"<strong>Non-finite values</strong>: {bad:,} NaN/Inf norms and "
+                      f"{bad_loss:,} NaN/Inf losses; the statistics below use the finite ones.")
+    return points
 
 
 def training_report(record: Mapping[str, np.ndarray], tags: Mapping[str, str], *,
@@ -319,28 +342,10 @@ def training_report(record: Mapping[str, np.ndarray], tags: Mapping[str, str], *
         f"{len(steps):,} steps" + (f" ({steps_per_epoch:,} per epoch)" if steps_per_epoch else ""))
         if x)
 
-    points = [f"Health: <strong>{html.escape(tags.get(names.HEALTH_TAG, 'unknown'))}</strong> "
-              f"(tag <code>{names.HEALTH_TAG}</code>)."]
-    if names.FIRST_VANISHING_TAG in tags:
-        points.append(f"First vanishing layer, from the head down: "
-                      f"<code>{html.escape(tags[names.FIRST_VANISHING_TAG])}</code>.")
-    if names.FIRST_TO_LAST_TAG in tags and layers:
-        points.append(f"Median <code>{html.escape(layers[0])}</code> / median "
-                      f"<code>{html.escape(layers[-1])}</code>: "
-                      f"{html.escape(tags[names.FIRST_TO_LAST_TAG])}.")
-    if names.ZERO_STEP_FRACTION_TAG in tags:
-        points.append(f"Steps with every layer below the head at exactly zero: "
-                      f"{html.escape(tags[names.ZERO_STEP_FRACTION_TAG])}.")
-    if names.AT_CHANCE_TAG in tags:
-        points.append("The loss ended at chance level (a uniform guess): the network did not "
-                      "learn." if tags[names.AT_CHANCE_TAG] == "true" else
-                      "The loss ended below chance level: the network learned.")
-    bad = int(sum(s["nonfinite"] for s in stats.values()))
+    bad = int(sum(x["nonfinite"] for x in stats.values()))
     loss = np.asarray(record.get("loss", np.zeros(0)), dtype=np.float64)
     bad_loss = int((~np.isfinite(loss)).sum())
-    if bad or bad_loss:
-        points.append(f"<strong>Non-finite values</strong>: {bad:,} NaN/Inf norms and "
-                      f"{bad_loss:,} NaN/Inf losses; the statistics below use the finite ones.")
+    points = _training_points(tags, layers, bad, bad_loss)
 
     figures = []
     if key:
@@ -356,7 +361,7 @@ def training_report(record: Mapping[str, np.ndarray], tags: Mapping[str, str], *
                     "the heatmap and the depth profile below show all of them. " + note)
         figures.append(_Figure("Gradient norms over training", note, fig))
         if len(layers) > 1:
-            heat, hfloor = heatmap_figure(f"log10 L2 norm of {label[key]}: layer x step",
+            heat, _ = heatmap_figure(f"log10 L2 norm of {label[key]}: layer x step",
                                           steps, layers, table, steps_per_epoch)
             figures.append(_Figure(
                 "Gradient flow: every layer, every step", "Each cell is the median of "
