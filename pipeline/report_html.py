@@ -203,7 +203,8 @@ def _downsample_note(steps: int, per: int, floor: float | None, ceiling: float |
            "positive values, the band their min to max. "))
     if zeros:
         out += (f"▼ marks steps with an exact zero gradient (no log axis can show 0), drawn "
-                f"at {floor:.0e}, one decade below the smallest value; hover says how many. ")
+                f"at {floor:.0e}, a decade or more below the smallest value; hover says how "
+                "many. ")
     if bad:
         out += (f"× marks NaN/Inf values (a blow-up), drawn at {ceiling:.3g}, above the "
                 "largest value. ")
