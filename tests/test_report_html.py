@@ -192,7 +192,7 @@ def test_compare_headline_states_each_variants_status_median_and_the_decades_bet
 
 def test_compare_report_takes_compare_layer_stats_frames_and_states_their_statuses():
     """The compare step's own table (a DataFrame from compare.layer_stats) goes in as is."""
-    pd = pytest.importorskip("pandas")
+    import pandas as pd  # compare's dependency, not report_html's
     frames = []
     for variant, medians in (("noskip", NOSKIP), ("skip", SKIP)):
         rec = record(medians, steps=50)
