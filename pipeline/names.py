@@ -28,6 +28,7 @@ TIME_MODEL = "time/model_seconds"              # exporting and logging the model
 GRADIENTS_JSON = "gradients/gradients.json"     # {layer: [norm per batch, ...]}, the notebook's shape
 GRADIENT_PLOT = "plots/gradient_norms.png"
 CONFIG_JSON = "config.json"                    # {"params": {...}, "code_version": ...}: rerun input
+REPORT_HTML = "report.html"                    # one self-contained page: answer, figures, tables (report_html.py)
 MODEL = "model"                                 # the logged model's name (mlflow.pytorch, pt2)
 
 # Tags.
