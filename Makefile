@@ -4,13 +4,13 @@
 VENV    ?= .venv
 PYTHON  ?= python3
 BIN     := $(VENV)/bin
-# Pinned here, not in pyproject.toml: on this machine kind pip takes exactly these two
-# from local disk; any other version (or uv) downloads gigabytes. Override on other hosts,
-# e.g. `make run TORCH="torch torchvision"`.
+# Pinned here, not in pyproject.toml (which takes a range): the build the project is tested
+# with, so that every machine trains with the same one. Choose another, e.g. for your CUDA:
+# `make run TORCH="torch torchvision"`.
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 P       ?=
 
-.PHONY: mlproject run test test-slow bench bench-ddp bench-compare install install-test install-server server clean-venv
+.PHONY: mlproject run test test-slow bench bench-ddp bench-compare install install-test install-server install-docs docs server clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +30,14 @@ $(VENV)/.installed-server: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[server]"
 	touch $@
 
+$(VENV)/.installed-docs: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[docs]"
+	touch $@
+
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 install-server: $(VENV)/.installed-server
+install-docs: $(VENV)/.installed-docs
 
 # `mlflow run --env-manager local` runs the entry point's `python` from PATH, so the venv
 # goes first on PATH. Extra parameters: make run P="-P dataset=synthetic -P max_steps=50"
@@ -63,7 +68,14 @@ bench-ddp: install
 bench-compare: install
 	$(BIN)/python bench/compare_speed.py
 
-# The team tracking server (README, "A team tracking server"): runs and metrics in
+# The documentation site (mkdocs.yml, docs/) into site/. --strict: a broken link or anchor,
+# a page missing from the nav, or a reference table the hook cannot make fails the build.
+# Read it served: python -m http.server --directory site --bind 127.0.0.1 8000
+# (NO_MKDOCS_2_WARNING: Material's banner about MkDocs 2, which the docs extra excludes.)
+docs: install-docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# The team tracking server (docs: Operations, "The team server"): runs and metrics in
 # PostgreSQL, artifacts uploaded and downloaded through the server into ARTIFACTS. The
 # database must exist; put its password in PGPASSWORD or ~/.pgpass, not in DB_URI. The
 # driver is psycopg2 (`.[server]`): keep +psycopg2, as SQLAlchemy 2.1 reads a bare

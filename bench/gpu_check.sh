@@ -9,7 +9,7 @@
 #        run in the order given (on a short lease, the one that matters most first)
 # Env:   OUT (results folder, default ./gpu-results), EPOCHS (experiment, default 10),
 #        PRECISION (experiment, default "default"), CIFAR_TGZ (the JPEG archive; default
-#        .data/cifar10-jpg.tar.gz, a copy of ../shared/data/cifar10-jpg.tar.gz), BENCH_ARGS
+#        .data/cifar10-jpg.tar.gz; the docs' Getting started, "Data", says what it is), BENCH_ARGS
 #        (benchmark options, e.g. "--steps 50 --repeats 2" to fit a short device lease), EXTRA
 #        (more `all` options, e.g. "--image-size 32 --max-steps 5" for a CPU dry run),
 #        EXPERIMENT_TIMEOUT (seconds; the experiment is then stopped with SIGTERM, so a slow

@@ -21,7 +21,8 @@ from pipeline.query import QueryError
 from runs_helpers import (REPO_ROOT, make_pair, make_plain_run, make_training_run,
                           mlflow_store, next_time)  # noqa: F401 - mlflow_store is a fixture
 
-README = REPO_ROOT / "README.md"
+# The tracking API page of the docs, whose first snippet must run as written.
+API_PAGE = REPO_ROOT / "docs" / "guide" / "python-api.md"
 
 
 def _histories(rng, n, layers=("conv1", "layer1.0.conv1", "fc")):
@@ -279,22 +280,20 @@ def test_gradient_history_of_an_unprobed_layer_raises_query_error_naming_it(pair
     assert "\n" not in str(err.value)
 
 
-# --- the README snippet -----------------------------------------------------------------------
-def _readme_snippet() -> str:
-    text = README.read_text()
+# --- the docs' snippet -------------------------------------------------------------------------
+def _docs_snippet() -> str:
+    text = API_PAGE.read_text()
     heading = re.search(r"^#+ .*tracking API.*$", text, flags=re.M | re.I)
-    assert heading, "README.md has no heading mentioning the tracking API"
+    assert heading, f"{API_PAGE} has no heading mentioning the tracking API"
     rest = text[heading.end():]
     block = re.search(r"```python\n(.*?)```", rest, flags=re.S)
     assert block, "no ```python block under the tracking API heading"
     return textwrap.dedent(block.group(1))
 
 
-def test_readme_tracking_api_snippet_runs_as_written(pair, capsys):
-    if not README.exists():
-        pytest.skip(f"{README} does not exist yet; the snippet test needs it")
-    code = _readme_snippet()
-    exec(compile(code, str(README) + " (tracking API snippet)", "exec"), {"__name__": "__readme__"})
+def test_the_docs_tracking_api_snippet_runs_as_written(pair, capsys):
+    code = _docs_snippet()
+    exec(compile(code, str(API_PAGE) + " (tracking API snippet)", "exec"), {"__name__": "__docs__"})
     assert capsys.readouterr().out.strip(), "the snippet ran but showed nothing"
 
 
