@@ -171,7 +171,7 @@ def parameters() -> str:
 # --- names ------------------------------------------------------------------------------------
 
 KINDS = ("metric", "tag", "param", "artifact")
-ARTIFACT_FILE = re.compile(r"\.(json|png|npz|md|csv|pt)$")
+ARTIFACT_FILE = re.compile(r"\.(json|png|npz|md|csv|pt|html)$")
 # Constants the suffix and value rules below cannot place: MODEL is the logged model's
 # artifact name; EPOCH_SECONDS a metric without a slash; OUTPUT and WEIGHT are the values of
 # `probe`, not names a run writes.
