@@ -114,13 +114,15 @@ def rerun(run_id: str) -> None:
 @cli.command()
 @_options(config.CompareConfig)
 def compare(**values: str | None) -> None:
-    """Compare a skip and a no-skip run: plots, summary tables and a diagnosis."""
+    """Compare two runs (a skip and a no-skip run, or any two with gradient norms): plots,
+    summary tables, a diagnosis and report.html."""
     cmp = _parse(config.CompareConfig, values)
     from . import compare as compare_mod
     run_id = _dispatch(lambda: compare_mod.compare(cmp.experiment, cmp.run_ids,
                                                    cmp.layer_list, config.to_params(cmp),
-                                                   quantity=cmp.quantity))
-    click.echo(f"MLflow compare run {run_id} finished; see its comparison/ artifacts")
+                                                   quantity=cmp.quantity, label=cmp.label))
+    click.echo(f"MLflow compare run {run_id} finished; see its report.html and comparison/ "
+               "artifacts")
 
 
 @cli.command(name="all")

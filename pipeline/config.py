@@ -371,12 +371,18 @@ LATEST, SHARED = "latest", "shared"
 class CompareConfig:
     experiment: str = _param(AUTO, "experiment name or ID to look in; auto = the one training "
                                    "logs to (MLFLOW_EXPERIMENT_NAME/_ID, else gradient-flow)")
-    runs: str = _param(LATEST, "two comma-separated run IDs, or latest = the newest FINISHED "
-                               "run of each variant (same model)")
-    layers: str = _param(SHARED, "comma-separated layers, or shared = every layer both runs probed")
+    runs: str = _param(LATEST, "two comma-separated run IDs (any two runs with gradient "
+                               "norms: training runs, pipeline.watch runs), or latest = the "
+                               "newest FINISHED run of each variant (same model)")
+    layers: str = _param(SHARED, "comma-separated layers, or shared = every layer both runs "
+                                 "probed (runs of different networks, which share none: their "
+                                 "layers by position, as many as the shorter has)")
     quantity: str = _param(AUTO, "which gradient norms to compare: output (grad_norm/*), weight "
                                  "(weight_grad_norm/*), both, or auto = output if both runs "
                                  "have it, else weight", choices=QUANTITIES)
+    label: str = _param("auto", "how the two runs are named in tables and figures: auto "
+                                "(noskip and skip for a skip/noskip pair, else run names), name "
+                                "(run names), or a param both runs logged (lr: lr=0.001)")
 
     @property
     def run_ids(self) -> list[str] | None:

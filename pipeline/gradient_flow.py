@@ -45,21 +45,29 @@ def every_step_layers(layers: tuple[str, ...], wanted: tuple[str, ...] | None) -
 
 
 class MetricColumns:
-    """A probes.Chunk as the metric writer sees it: the every-step columns and the loss.
+    """A probes.Chunk as the metric writer sees it: the every-step norms, their log10 twins
+    and the loss (``Collector.keys``).
 
     ``values()`` runs in the writer thread: it waits for the device copy (as Chunk.values
-    does), hands the full array to ``sink`` and returns the reduced one.
+    does), hands the full array to the collector and returns the writer's columns.
     """
 
-    def __init__(self, chunk, columns: list[int], sink: Callable[[int, list[int], np.ndarray], None]):
-        self.chunk, self.columns, self.sink = chunk, columns, sink
+    def __init__(self, chunk, collector: "Collector"):
+        self.chunk, self.collector = chunk, collector
         self.first_step = chunk.first_step
         self.timestamps_ms = chunk.timestamps_ms
 
     def values(self) -> np.ndarray:
         full = self.chunk.values()
-        self.sink(self.first_step, self.timestamps_ms, full)
-        return full[:, self.columns]
+        self.collector(self.first_step, self.timestamps_ms, full)
+        return self.collector.metric_values(full)
+
+
+def log10_norms(norms: np.ndarray) -> np.ndarray:
+    """log10 of norms, LOG10_FLOOR for any below 10**LOG10_FLOOR (zeros); NaN stays NaN."""
+    floor = 10.0 ** names.LOG10_FLOOR
+    with np.errstate(invalid="ignore"):
+        return np.log10(np.maximum(norms, floor))
 
 
 class Collector:
@@ -84,11 +92,13 @@ class Collector:
             series += [(self.loss_col + 1 + i, names.weight_grad_norm(layer), layer)
                        for i, layer in enumerate(self.layers)]
         keep = set(every_step)
-        # The metric writer's view: the every-step series, then the loss (last, as the
-        # writer's keys and the console's loss read it).
-        self.columns = [c for c, _, layer in series if layer in keep] + [self.loss_col]
-        self.keys = [key for _, key, layer in series if layer in keep] + [names.TRAIN_LOSS]
-        self.thinned = [(c, key) for c, key, layer in series if layer not in keep]
+        # The metric writer's view: the every-step norms, their log10 twins, then the loss
+        # (last, as the console's loss reads it).
+        self.columns = [c for c, _, layer in series if layer in keep]
+        every = [key for _, key, layer in series if layer in keep]
+        self.keys = every + [names.log10_key(key) for key in every] + [names.TRAIN_LOSS]
+        self.thinned = [(c, key, names.log10_key(key)) for c, key, layer in series
+                        if layer not in keep]
         # Every column of the full row, named: the NaN watch's keys.
         self.all_keys = [None] * (self.loss_col + 1 + (L if weights else 0))
         for c, key, _ in series:
@@ -100,7 +110,12 @@ class Collector:
         self.died_at: int | None = None
 
     def wrap(self, chunk):
-        return None if chunk is None else MetricColumns(chunk, self.columns, self)
+        return None if chunk is None else MetricColumns(chunk, self)
+
+    def metric_values(self, full: np.ndarray) -> np.ndarray:
+        """The writer's columns of full probe rows, in ``keys``' order."""
+        norms = full[:, self.columns]
+        return np.concatenate([norms, log10_norms(norms), full[:, [self.loss_col]]], axis=1)
 
     def __call__(self, first_step: int, timestamps_ms: list[int], values: np.ndarray) -> None:
         self.chunks.append((first_step, values))
@@ -108,8 +123,11 @@ class Collector:
             for r, ts in enumerate(timestamps_ms[:len(values)]):
                 step = first_step + r
                 if step % self.metric_every == 0:
-                    self.pending.append((step, ts, {key: float(values[r, c])
-                                                    for c, key in self.thinned}))
+                    point = {}
+                    for c, key, log_key in self.thinned:
+                        point[key] = float(values[r, c])
+                        point[log_key] = float(log10_norms(values[r, c]))
+                    self.pending.append((step, ts, point))
         self._watch_death(first_step, values)
         if self.then is not None:
             self.then(values)

@@ -51,6 +51,18 @@ def decades(a: float, b: float) -> float:
     return math.nan
 
 
+def layer_statuses(norms) -> list[str]:
+    """Each column's status (rows = steps, columns = layers in forward order, the head last):
+    its median relative to the head's, or Dead when mostly zero."""
+    norms = np.asarray(norms, dtype=np.float64)
+    if not len(norms):
+        return []
+    medians = np.median(norms, axis=0)
+    zero = (norms == 0).mean(axis=0)
+    reference = float(medians[-1])  # the head: the layer nearest the loss
+    return [status(float(m), float(z), reference) for m, z in zip(medians, zero)]
+
+
 def _fmt(x: float) -> str:
     return f"{x:.3g}"
 
@@ -66,9 +78,8 @@ def diagnose(steps, layers, norms, loss, num_classes: int) -> dict[str, str]:
     below_head = norms[:, :-1] if len(layers) > 1 else np.zeros((len(steps), 0))
     zero_steps = float((below_head == 0).all(axis=1).mean()) if below_head.shape[1] else 0.0
     medians = np.median(norms, axis=0)
-    zero = (norms == 0).mean(axis=0)
     reference = float(medians[-1])  # the head: the layer nearest the loss
-    statuses = [status(float(m), float(z), reference) for m, z in zip(medians, zero)]
+    statuses = layer_statuses(norms)
     first_vanishing = next((layers[i] for i in range(len(layers) - 1, -1, -1)
                             if statuses[i] in GONE), "none")
     if zero_steps >= DEAD_ZERO_FRACTION:

@@ -79,6 +79,34 @@ def weight_grad_norm(layer: str) -> str:
     return WEIGHT_GRAD_NORM_PREFIX + layer
 
 
+# The log10 twin of every norm metric, logged with it (same steps, same writer): MLflow's
+# charts have a linear y axis and no log-scale default (mlflow#5331), where 1e-21 and 1e-8
+# both read 0; in log10 the decades are the axis. A norm below 10**LOG10_FLOOR, an exact
+# zero included, is logged as LOG10_FLOOR (no nonzero norm seen here comes near it).
+GRAD_NORM_LOG10_PREFIX = "grad_norm_log10/"
+WEIGHT_GRAD_NORM_LOG10_PREFIX = "weight_grad_norm_log10/"
+LOG10_FLOOR = -40.0
+
+
+def grad_norm_log10(layer: str) -> str:
+    """``grad_norm_log10/conv1``: log10 of ``grad_norm/conv1`` (LOG10_FLOOR for a zero)."""
+    return GRAD_NORM_LOG10_PREFIX + layer
+
+
+def weight_grad_norm_log10(layer: str) -> str:
+    """``weight_grad_norm_log10/conv1``: log10 of ``weight_grad_norm/conv1``."""
+    return WEIGHT_GRAD_NORM_LOG10_PREFIX + layer
+
+
+def log10_key(key: str) -> str:
+    """The log10 twin of a norm metric's key: ``grad_norm/x`` -> ``grad_norm_log10/x``."""
+    for prefix, twin in ((GRAD_NORM_PREFIX, GRAD_NORM_LOG10_PREFIX),
+                         (WEIGHT_GRAD_NORM_PREFIX, WEIGHT_GRAD_NORM_LOG10_PREFIX)):
+        if key.startswith(prefix):
+            return twin + key[len(prefix):]
+    raise ValueError(f"{key!r} is not a gradient-norm metric")
+
+
 # What each probe measures, by training's `probe` value (also compare's `quantity`): its
 # metric prefix, metric key builder and array in gradients/norms.npz. Readers look a
 # quantity up here instead of spelling "grad_norm/" or "norms" themselves.
@@ -107,6 +135,10 @@ PANEL_LAYERS_TAG = "compare.panel_layers"       # the layers drawn in comparison
 # compare quantity=weight|both: the same heatmap from both runs' weight_norms, and its tag.
 WEIGHT_DIFFERENCE_PLOT = "comparison/weight_gradient_flow_difference.png"
 WEIGHT_DIFFERENCE_TAG = "compare.weight_difference_heatmap"
+COMPARE_RUNS_TAG = "compare.runs"                # the two runs, first then second
+COMPARE_LABELS_TAG = "compare.labels"            # their labels: noskip,skip, or names/params
+COMPARE_LAYERS_TAG = "compare.layers"            # the compared layers ("a vs b": by position)
+# A skip pair's runs also have compare.noskip_run and compare.skip_run.
 QUANTITY_TAG = "compare.quantity"               # what was compared: output | weight | both
 DIFFERING_PARAMS_TAG = "compare.differing_params"  # training params the two runs differ in, or "none"
 
@@ -116,6 +148,10 @@ FIRST_VANISHING_TAG = "gradient.first_vanishing_layer"  # from the head down; "n
 FIRST_TO_LAST_TAG = "gradient.first_to_last_ratio"      # median first-layer / last-layer norm
 ZERO_STEP_FRACTION_TAG = "gradient.zero_step_fraction"  # steps with every layer below the head 0
 AT_CHANCE_TAG = "loss.at_chance"                        # "true" | "false"
+# The same diagnosis as metrics (step 0, at the run's end), so the runs table and the chart
+# view can show and plot them across runs (sweep cells included).
+FIRST_LAYER_MEDIAN = "summary/first_layer_median"       # median norm of the first probed layer
+FIRST_TO_LAST_DECADES = "summary/first_to_last_decades"  # log10 of gradient.first_to_last_ratio
 METRIC_LAYERS_TAG = "layers.every_step"                 # layers logged as metrics every step
 
 # Sweep (pipeline/sweep.py): a grid of models x skip x batch_norm as child runs of one parent
@@ -131,6 +167,18 @@ SWEEP_RUNS_TAG = "sweep.runs"                  # their run IDs, in the same orde
 SWEEP_SKIPPED_TAG = "sweep.skipped"            # cells left out (vgg19 has no skips), or "none"
 SWEEP_REUSED_TAG = "sweep.reused"              # "<reused>/<cells>": FINISHED runs reused
 SWEEP_CELL_TAG = "sweep.cell"                  # on each run the sweep trains: its cell
+
+
+def compare_decades(quantity: str, layer: str) -> str:
+    """``compare/decades/conv1``: log10(second run's median / first's) at a compared layer
+    (skip over noskip for a skip pair); ``compare/weight_decades/...`` for weight norms.
+    Logged once, at step 0, on the compare run."""
+    return f"compare/{'' if quantity == OUTPUT else quantity + '_'}decades/{layer}"
+
+
+def compare_test_accuracy(label: str) -> str:
+    """``compare/test_accuracy/skip``: a compared run's final test accuracy, on the compare run."""
+    return f"compare/test_accuracy/{label}"
 
 
 def sweep_run_tag(cell: str) -> str:

@@ -56,6 +56,18 @@ def close(fig) -> None:
 
 VARIANT_COLOURS = {"noskip": "tab:red", "skip": "tab:blue"}
 VARIANT_LABELS = {"noskip": "without skip", "skip": "with skip"}
+SKIP_PAIR = ("noskip", "skip")
+PAIR_COLOURS = ("tab:red", "tab:blue")  # a compared pair: the first run, the second
+
+
+def pair_style(labels: Sequence[str]) -> tuple[dict[str, str], dict[str, str], str]:
+    """A compared pair's colours and legend names by label, and its "B vs A" title: a
+    skip/noskip pair in the skip connections' words, any other pair by its labels."""
+    a, b = labels
+    colours = dict(zip(labels, PAIR_COLOURS))
+    if tuple(labels) == SKIP_PAIR:
+        return colours, dict(VARIANT_LABELS), "skip vs no skip"
+    return colours, {a: a, b: b}, f"{b} vs {a}"
 
 
 def _smooth_log(y: np.ndarray, window: int) -> np.ndarray:
@@ -71,6 +83,7 @@ def _smooth_log(y: np.ndarray, window: int) -> np.ndarray:
 
 def comparison_norms(histories, layers: Sequence[str], model: str, note: str | None = None,
                      quantity: str = "dLoss/d(output)"):
+    colours, legend, vs = pair_style(list(histories))
     """One panel per layer, both variants overlaid: raw values faint, a smoothed line on top.
 
     ``histories``: {variant: DataFrame(step, layer, norm)}. ``note``: a second title line
@@ -83,12 +96,12 @@ def comparison_norms(histories, layers: Sequence[str], model: str, note: str | N
         for variant, history in histories.items():
             h = history[history["layer"] == layer].sort_values("step")
             x, y = h["step"].to_numpy(), h["norm"].to_numpy(dtype=np.float64)
-            colour = VARIANT_COLOURS.get(variant)
+            colour = colours[variant]
             shown = np.where((y > 0) & np.isfinite(y), y, np.nan)
             ax.plot(x, shown, lw=0.5, alpha=0.25, color=colour)
             window = max(1, len(y) // 100)
             zero = (y == 0).mean() if len(y) else 0.0
-            label = VARIANT_LABELS.get(variant, variant) + (f" ({zero:.0%} zero)" if zero else "")
+            label = legend[variant] + (f" ({zero:.0%} zero)" if zero else "")
             ax.plot(x, _smooth_log(y, window), lw=1.6, color=colour, label=label)
         ax.set_yscale("log")
         ax.set_ylabel("norm")
@@ -97,29 +110,31 @@ def comparison_norms(histories, layers: Sequence[str], model: str, note: str | N
         ax.legend(fontsize=8, loc="best")
     axes[-1, 0].set_xlabel("batch")
     axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(f"Gradient norms {quantity} - {model}, skip vs no skip (faint: raw; "
+    fig.suptitle(f"Gradient norms {quantity} - {model}, {vs} (faint: raw; "
                  "line: rolling mean of log10)" + (f"\n{note}" if note else ""), fontsize=11)
     # tight_layout makes room for one suptitle line only: reserve the note's line (~0.2 in).
     fig.tight_layout(rect=(0, 0, 1, 1 - (0.2 / fig.get_size_inches()[1] if note else 0)))
     return fig
 
 
-def depth_profile(table, model: str, quantity: str = "dLoss/d(layer output)"):
-    """Median norm per layer against depth, 10-90% band, one line per variant.
+def depth_profile(table, model: str, quantity: str = "dLoss/d(layer output)",
+                  labels: Sequence[str] = SKIP_PAIR):
+    """Median norm per layer against depth, 10-90% band, one line per compared run.
 
-    ``table``: the compare summary (columns depth, layer, variant, median, p10, p90).
-    ``quantity``: what the norms are of, for the y label.
+    ``table``: the compare summary (columns depth, layer, variant, median, p10, p90), its
+    ``variant`` one of ``labels``. ``quantity``: what the norms are of, for the y label.
     """
+    colours, legend, _ = pair_style(labels)
     fig, ax = plt.subplots(figsize=(9, 5))
-    for variant, rows in table.groupby("variant", sort=False):
-        rows = rows.sort_values("depth")
-        colour = VARIANT_COLOURS.get(variant)
+    for variant in labels:
+        rows = table[table["variant"] == variant].sort_values("depth")
+        colour = colours[variant]
         x = rows["depth"].to_numpy()
         floor = lambda v: np.where(v > 0, v, np.nan)  # noqa: E731 - zeros cannot sit on log axes
         ax.fill_between(x, floor(rows["p10"].to_numpy()), floor(rows["p90"].to_numpy()),
                         color=colour, alpha=0.2, lw=0)
         ax.plot(x, floor(rows["median"].to_numpy()), marker="o", color=colour,
-                label=VARIANT_LABELS.get(variant, variant) + " (median, 10-90% band)")
+                label=legend[variant] + " (median, 10-90% band)")
     layers = table.sort_values("depth").drop_duplicates("depth")
     if len(layers) <= 12:
         ax.set_xticks(layers["depth"].to_numpy(), layers["layer"].tolist(), rotation=30, ha="right")
@@ -191,20 +206,22 @@ DIFFERENCE_MAX_COLUMNS = 600
 
 @dataclass
 class Difference:
-    """log10(skip norm) - log10(noskip norm) over the layers and steps both runs have."""
+    """log10(second run's norm) - log10(first's) (skip minus noskip) over the layers and
+    steps both runs have."""
     layers: list[str]       # shared layers, in the noskip run's forward order
     edges: np.ndarray       # [C + 1] step edges: column c covers steps edges[c] <= s < edges[c+1]
     diff: np.ndarray        # [L, C] mean over the column's shared steps of the per-step difference
     per_column: int         # shared steps averaged into one column (the last may have fewer)
     steps: int              # shared steps in all
     floor: float            # log10 value that zeros (and non-finite norms) were set to
-    floored: dict           # {"noskip": n, "skip": n}: values floored, per run
+    floored: dict           # {label: n}: values floored, per run (first, second)
+    labels: tuple = SKIP_PAIR
 
 
 def difference_matrix(noskip: Mapping[str, np.ndarray], skip: Mapping[str, np.ndarray],
                       layers: Sequence[str] | None = None,
                       max_columns: int = DIFFERENCE_MAX_COLUMNS,
-                      key: str = "norms") -> Difference | None:
+                      key: str = "norms", labels: Sequence[str] = SKIP_PAIR) -> Difference | None:
     """The difference heatmap's data from two ``norms.npz`` dicts (steps, layers, and the
     [S, L] array ``key``: ``norms``, or ``weight_norms`` for weight-gradient norms).
 
@@ -232,7 +249,7 @@ def difference_matrix(noskip: Mapping[str, np.ndarray], skip: Mapping[str, np.nd
     edges = np.append(steps[starts], steps[-1] + 1).astype(np.int64)
     bad = lambda v: int((~((v > 0) & np.isfinite(v))).sum())  # noqa: E731
     return Difference(shared, edges, diff.T, per, len(steps), floor,
-                      {"noskip": bad(a), "skip": bad(b)})
+                      dict(zip(labels, (bad(a), bad(b)))), tuple(labels))
 
 
 def difference_heatmap(d: Difference, model: str, batches_per_epoch: int | None = None,
@@ -251,7 +268,10 @@ def difference_heatmap(d: Difference, model: str, batches_per_epoch: int | None 
     bar = fig.colorbar(mesh, ax=ax)
     bar.locator = MaxNLocator(integer=True)
     bar.update_ticks()
-    bar.set_label("log10(skip norm) - log10(noskip norm), decades\n(blue: larger with skips)")
+    first, second = d.labels
+    skip_pair = tuple(d.labels) == SKIP_PAIR
+    bar.set_label(f"log10({second} norm) - log10({first} norm), decades\n(blue: larger "
+                  + ("with skips)" if skip_pair else f"in {second})"))
     if batches_per_epoch:
         for b in range(int(d.edges[0]) // batches_per_epoch * batches_per_epoch
                        + batches_per_epoch, int(d.edges[-1]), batches_per_epoch):
@@ -264,10 +284,11 @@ def difference_heatmap(d: Difference, model: str, batches_per_epoch: int | None 
                              if d.per_column > 1 else ""))
     ax.set_ylabel("layer (forward order: input at the top)")
     zeros = (f"zero or non-finite norms set to 1e{d.floor:g}, one decade below the smallest "
-             f"positive norm of either run (noskip: {d.floored['noskip']:,}, skip: "
-             f"{d.floored['skip']:,} values)" if any(d.floored.values())
+             f"positive norm of either run ({first}: {d.floored[first]:,}, {second}: "
+             f"{d.floored[second]:,} values)" if any(d.floored.values())
              else "no zero norms in either run")
-    ax.set_title(f"Gradient flow of {quantity}, skip vs no skip - {model}: {L} shared "
+    vs = "skip vs no skip" if skip_pair else f"{second} vs {first}"
+    ax.set_title(f"Gradient flow of {quantity}, {vs} - {model}: {L} shared "
                  f"layers x {d.steps:,} shared batches\n{zeros}", fontsize=10)
     fig.tight_layout()
     return fig

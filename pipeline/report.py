@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import code_version, gradient_flow, health, names, plots
+from . import code_version, gradient_flow, health, names, plots, report_html
 from .config import Config
 from .data import NUM_CLASSES
 from .devices import environment
@@ -73,15 +73,20 @@ def log_results(cfg: Config, tracker, gradients: dict[str, list[float]], summary
                      + result_table(gradients), (names.GRADIENTS_JSON, names.NORMS_NPZ))
 
 
-def log_gradient_flow(cfg: Config, tracker, dense: dict[str, np.ndarray], data) -> None:
-    """gradients/norms.npz, the heatmap and depth profile, and the diagnosis tags, all from
-    the dense record (every probed layer at every step this process trained)."""
+def title(cfg: Config) -> str:
+    variant = "with skip connections" if cfg.skip else "without skip connections"
+    return f"{cfg.model} ({variant}), {cfg.dataset} {cfg.image_size}px"
+
+
+def log_gradient_flow(tracker, dense: dict[str, np.ndarray], title: str,
+                      steps_per_epoch: int | None = None) -> dict[str, str]:
+    """gradients/norms.npz, the heatmap and depth profile, the diagnosis tags and its
+    summary metrics, all from the dense record (every probed layer at every step this
+    process trained); returns the tags."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, os.path.basename(names.NORMS_NPZ))
         gradient_flow.save_npz(path, dense)
         tracker.log_artifact(path, names.NORMS_NPZ)  # sent (or spooled) before it returns
-    variant = "with skip connections" if cfg.skip else "without skip connections"
-    title = f"{cfg.model} ({variant}), {cfg.dataset} {cfg.image_size}px"
     figures = []
     if "norms" in dense:
         figures += [(plots.gradient_flow, names.GRADIENT_FLOW_PLOT, "norms", "dLoss/d(output)"),
@@ -94,16 +99,47 @@ def log_gradient_flow(cfg: Config, tracker, dense: dict[str, np.ndarray], data) 
                      "weight_norms", "dLoss/d(layer weights)")]
     for make, path, column, quantity in figures:
         fig = make(dense["steps"], list(dense["layers"]), dense[column], title,
-                   batches_per_epoch=data.steps_per_epoch, quantity=quantity)
+                   batches_per_epoch=steps_per_epoch, quantity=quantity)
         try:
             tracker.log_figure(fig, path)
         finally:
             plots.close(fig)
-    if "norms" in dense:  # the rules read output-gradient norms (README)
-        tracker.set_tags(health.diagnose(dense["steps"], list(dense["layers"]),
-                                        dense["norms"], dense["loss"], NUM_CLASSES))
-    else:
-        tracker.set_tags({names.HEALTH_TAG: "unknown"})
+    tags = {names.HEALTH_TAG: "unknown"}
+    if "norms" in dense and len(dense["steps"]):  # the rules read output-gradient norms
+        tags = health.diagnose(dense["steps"], list(dense["layers"]), dense["norms"],
+                               dense["loss"], NUM_CLASSES)
+        first, head = (float(np.median(dense["norms"][:, i])) for i in (0, -1))
+        tracker.log_totals({names.FIRST_LAYER_MEDIAN: first,
+                            names.FIRST_TO_LAST_DECADES: health.decades(first, head)})
+    tracker.set_tags(tags)
+    return tags
+
+
+def layer_summary(dense: dict[str, np.ndarray], layers) -> tuple[list[float], list[str]]:
+    """Each of ``layers``' median norm and status (output norms, else weight norms)."""
+    column = "norms" if "norms" in dense else "weight_norms"
+    norms = dense.get(column)
+    if norms is None or not len(norms):
+        return [math.nan] * len(layers), ["-"] * len(layers)
+    index = {layer: i for i, layer in enumerate(dense["layers"])}
+    statuses = health.layer_statuses(norms)
+    picked = [index[layer] for layer in layers]
+    return ([float(np.median(norms[:, i])) for i in picked], [statuses[i] for i in picked])
+
+
+def log_page(tracker, dense: dict[str, np.ndarray], tags: dict[str, str], *, run_name: str,
+             model: str, skip: bool | None, params: dict | None = None,
+             test_accuracy: float | None = None, steps_per_epoch: int | None = None,
+             every_step=None) -> None:
+    """report.html: the run's answer, figures and tables on one self-contained page."""
+    statuses = {}
+    if "norms" in dense and len(dense["steps"]):
+        statuses = dict(zip(dense["layers"], health.layer_statuses(dense["norms"])))
+    page = report_html.training_report(
+        dense, tags, run_name=run_name, run_id=tracker.run_id, model=model, skip=skip,
+        params=params, test_accuracy=test_accuracy, steps_per_epoch=steps_per_epoch,
+        every_step=every_step, statuses=statuses)
+    tracker.log_text(page, names.REPORT_HTML)
 
 
 def log_model(cfg: Config, tracker, model: nn.Module) -> None:

@@ -442,39 +442,56 @@ class ComparePart:
     heading: str = "Gradient norms"
 
 
-def _compare_headline(rows: list[dict]) -> str:
+SKIP_PAIR = ("noskip", "skip")
+
+
+def pair_colours(labels: Sequence[str]) -> dict[str, str]:
+    """The compared runs' colours, by position: the first red, the second blue."""
+    return dict(zip(labels, (VARIANT_COLOURS["noskip"], VARIANT_COLOURS["skip"])))
+
+
+def _ratio_column(labels: Sequence[str]) -> str:
+    return "skip_over_noskip" if tuple(labels) == SKIP_PAIR else "second_over_first"
+
+
+def _compare_headline(rows: list[dict], labels: Sequence[str] = SKIP_PAIR) -> str:
     """``conv1 is Vanishing without skips (median 2.4e-21) and Healthy with them (4.1e-08):
-    13.2 decades apart.`` for the input-side layer."""
+    13.2 decades apart.`` for the input-side layer (any other pair in its labels' words)."""
     if not rows:
         return "No layer to compare."
     depth = min(int(r["depth"]) for r in rows)
     first = {r["variant"]: r for r in rows if int(r["depth"]) == depth}
-    n, s = first.get("noskip"), first.get("skip")
+    a, b = labels
+    n, s = first.get(a), first.get(b)
     if n is None or s is None:
-        return "The comparison needs both a noskip and a skip run."
+        return f"The comparison needs both a {html.escape(a)} and a {html.escape(b)} run."
     layer = html.escape(str(n["layer"]))
     d = _decades(s["median"], n["median"])
+    skip_pair = tuple(labels) == SKIP_PAIR
+    lower = "lower with skips" if skip_pair else f"lower in {html.escape(b)}"
     gap = ("" if d is None else f": {abs(d):.1f} decades apart" if d > 0 else
-           f": {abs(d):.1f} decades lower with skips")
+           f": {abs(d):.1f} decades {lower}")
     zero = lambda r: " (median exactly 0)" if float(r["median"]) == 0 else ""  # noqa: E731
-    return (f"<code>{layer}</code> is {html.escape(str(n['status']))} without skips (median "
-            f"{_g(n['median'])}{zero(n)}) and {html.escape(str(s['status']))} with them "
+    where_a, where_b = (("without skips", "with them") if skip_pair
+                        else (f"in {html.escape(a)}", f"in {html.escape(b)}"))
+    return (f"<code>{layer}</code> is {html.escape(str(n['status']))} {where_a} (median "
+            f"{_g(n['median'])}{zero(n)}) and {html.escape(str(s['status']))} {where_b} "
             f"({_g(s['median'])}{zero(s)}){gap}.")
 
 
 def _compare_figures(part: ComparePart, rows: list[dict], steps_per_epoch: int | None,
-                     max_points: int) -> list[_Figure]:
+                     max_points: int, labels: Sequence[str] = SKIP_PAIR) -> list[_Figure]:
     figures = []
+    colours = pair_colours(labels)
     layers = list(dict.fromkeys(str(r["layer"]) for r in sorted(rows, key=lambda r: int(r["depth"]))))
     panels = pick_layers(layers)
     for layer in panels:
-        curves = {v: part.curves[v][layer] for v in ("noskip", "skip")
-                  if layer in part.curves.get(v, {})}
+        curves = {v: part.curves[v][layer] for v in labels if layer in part.curves.get(v, {})}
         if not curves:
             continue
         fig, floor, ceiling, per = time_figure(
             f"{layer}: L2 norm of {part.label} (log axis)", curves,
-            {v: VARIANT_COLOURS[v] for v in curves}, "L2 norm", steps_per_epoch,
+            {v: colours[v] for v in curves}, "L2 norm", steps_per_epoch,
             max_points=max_points, height=300, layer=layer)
         steps = max(len(c[0]) for c in curves.values())
         figures.append(_Figure(f"{part.heading}: {layer}", _downsample_note(
@@ -483,27 +500,32 @@ def _compare_figures(part: ComparePart, rows: list[dict], steps_per_epoch: int |
         figures[0].note = (f"{len(panels)} of the {len(layers)} compared layers, evenly across "
                            "depth; the depth profile and the tables have all of them. "
                            + figures[0].note) if figures else ""
-    by_variant = {v: [r for r in rows if r["variant"] == v] for v in ("noskip", "skip")}
+    by_variant = {v: [r for r in rows if r["variant"] == v] for v in labels}
     for v in by_variant:
         by_variant[v].sort(key=lambda r: int(r["depth"]))
     depth, floor, ceiling = depth_figure(f"Median L2 norm of {part.label} against depth", layers,
                                          {v: rs for v, rs in by_variant.items() if rs},
-                                         VARIANT_COLOURS, f"L2 norm of {part.label}")
+                                         colours, f"L2 norm of {part.label}")
+    which = ("red without skips, blue with" if tuple(labels) == SKIP_PAIR
+             else f"red: {labels[0]}, blue: {labels[1]}")
     figures.append(_Figure(f"{part.heading} against depth", "Median over the steps, the band "
                            "the 10th to 90th percentile, dashed and dotted: the first and last "
-                           "tenth of the steps; red without skips, blue with. "
+                           f"tenth of the steps; {which}. "
                            + _marks_note(rows, floor, ceiling), depth))
     return figures
 
 
-def _compare_tables(part: ComparePart, rows: list[dict]) -> list[str]:
+def _compare_tables(part: ComparePart, rows: list[dict],
+                    labels: Sequence[str] = SKIP_PAIR) -> list[str]:
+    ratio = _ratio_column(labels)
     out = [f"<h2>{html.escape(part.heading)}: per layer</h2>" + _table(
         ["layer", "variant", "median", "min", "max", "first", "last", "early", "late",
-         "zero steps", "skip/noskip", "status"],
+         "zero steps", "skip/noskip" if ratio == "skip_over_noskip" else
+         f"{labels[1]}/{labels[0]}", "status"],
         [[r["layer"], r["variant"], _g(r.get("median")), _g(r.get("min")), _g(r.get("max")),
           _g(r.get("first")), _g(r.get("last")), _g(r.get("early_median")),
           _g(r.get("late_median")), _pct(r.get("zero_fraction")),
-          _g(r.get("skip_over_noskip")), r.get("status")] for r in rows],
+          _g(r.get(ratio)), r.get("status")] for r in rows],
         numeric=range(2, 11), status=(11,), table_id="summary")]
     epochs_rows = _rows(part.per_epoch)
     if epochs_rows:
@@ -533,22 +555,27 @@ def compare_report(parts: ComparePart | Sequence[ComparePart], *, model: str,
     noskip value, skip value). ``max_points``: buckets per drawn series (two per panel).
     """
     parts = [parts] if isinstance(parts, ComparePart) else list(parts)
+    labels = list(runs) if len(runs) == 2 else list(SKIP_PAIR)
+    skip_pair = tuple(labels) == SKIP_PAIR
     tables_rows = [_rows(p.table) for p in parts]
     meta = " · ".join(html.escape(x) for x in [
         *( [f"run {run_name}"] if run_name else []), *([f"ID {run_id}"] if run_id else []),
-        f"model {model}", *(f"{VARIANT_LABELS[v]}: {r.get('run_name', '')} ({r.get('run_id', '')})"
-                            for v, r in runs.items() if v in VARIANT_LABELS)])
+        f"model {model}", *(f"{VARIANT_LABELS[v] if skip_pair else v}: "
+                            f"{r.get('run_name', '')} ({r.get('run_id', '')})"
+                            for v, r in runs.items())])
     warning = ""
     if differing_params:
         warning = ("<strong>Warning</strong>: the runs differ in " + ", ".join(
-            f"<code>{html.escape(str(n))}</code> (noskip {html.escape(str(a))}, skip "
-            f"{html.escape(str(b))})" for n, a, b in differing_params)
-            + "; the comparison mixes these with the skip connections.")
+            f"<code>{html.escape(str(n))}</code> ({html.escape(labels[0])} "
+            f"{html.escape(str(a))}, {html.escape(labels[1])} {html.escape(str(b))})"
+            for n, a, b in differing_params)
+            + ("; the comparison mixes these with the skip connections." if skip_pair
+               else "; the comparison mixes their effects."))
     points = [_md(line) for p in parts for line in p.diagnosis]
     figures, tables = [], []
     for part, rows in zip(parts, tables_rows):
-        figures += _compare_figures(part, rows, steps_per_epoch, max_points)
-        tables += _compare_tables(part, rows)
+        figures += _compare_figures(part, rows, steps_per_epoch, max_points, labels)
+        tables += _compare_tables(part, rows, labels)
     metric_keys = list(dict.fromkeys(k for r in runs.values() for k in (r.get("metrics") or {})))
     tables.append("<h2>Runs</h2>" + _table(
         ["variant", "run", "run ID", *metric_keys],
@@ -558,8 +585,9 @@ def compare_report(parts: ComparePart | Sequence[ComparePart], *, model: str,
         + '<p class="note">Status: a layer\'s median relative to the output-side layer\'s '
           "median (Vanishing &lt; 1e-18 &lt; Tiny &lt; 1e-9 &lt; Weak &lt; 1e-3 &lt; Healthy &lt; "
           "1e3 &lt; Exploding); Dead = zero on at least half the steps.</p>")
-    return _page("compare run", f"compare {model}: skip vs no skip",
-                 _compare_headline(tables_rows[0] if tables_rows else []), meta, points,
+    vs = "skip vs no skip" if skip_pair else f"{labels[1]} vs {labels[0]}"
+    return _page("compare run", f"compare {model}: {vs}",
+                 _compare_headline(tables_rows[0] if tables_rows else [], labels), meta, points,
                  figures, tables, warning)
 
 

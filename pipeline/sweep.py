@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,11 +24,11 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from . import device_data, distributed, names, plots, query, tracking, train
+from . import console, device_data, distributed, names, plots, query, report_html, tracking, train
 from .config import (SWEEP_GRID_FIELDS, Config, SweepConfig, UserError, cell_name,
                      to_params)
 from .models import VARIANTS
-from .tracking import Tracker
+from .tracking import Tracker, public_uri
 
 # The figure's x axis: each model's number of weight layers, as in its name.
 DEPTH = {name: variant.depth for name, variant in VARIANTS.items()}
@@ -99,9 +100,16 @@ def run_sweep(cfg: Config, opts: SweepConfig) -> str:
             plots.close(fig)
         text = markdown(table, skipped)
         parent.log_text(text, names.SWEEP_SUMMARY_MD)
+        parent.log_text(report_html.sweep_report(table, skipped=skipped,
+                                                 description=describe_training(cfg),
+                                                 run_id=parent.run_id), names.REPORT_HTML)
         parent.log_text(table.to_csv(index=False), names.SWEEP_SUMMARY_CSV)
         parent.log_dict({"cells": _records(table), "skipped": skipped}, names.SWEEP_SUMMARY_JSON)
         parent.set_note(text, (names.SWEEP_SUMMARY_MD,))
+    console.say([*console.sweep_lines(table.to_dict(orient="records"),
+                                      console.colour_on(sys.stdout)),
+                 *console.how_to_open(public_uri(mlflow.get_tracking_uri()), experiment_id,
+                                      parent.run_id)])
     return parent.run_id
 
 

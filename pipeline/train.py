@@ -13,9 +13,10 @@ import signal
 import sys
 import time
 
+import mlflow
 import torch
 
-from . import (checkpoint, code_version, distributed, engine, gradient_flow, names, plan as planning, query,
+from . import (checkpoint, code_version, console, distributed, engine, gradient_flow, names, plan as planning, query,
                report, resume, signals, tracking)
 from . import data as data_mod
 from .config import Config, UserError
@@ -81,11 +82,23 @@ def _run(plan: planning.Plan, comm: distributed.Comm, tags: dict[str, str] | Non
             # --- 4. what the run leaves behind ------------------------------------------------
             with _timed(seconds, names.TIME_ARTIFACTS):
                 report.log_results(cfg, tracker, gradients, summary, data)
-                report.log_gradient_flow(cfg, tracker, dense, data)
+                diagnosis = report.log_gradient_flow(tracker, dense, report.title(cfg),
+                                                     data.steps_per_epoch)
+                report.log_page(tracker, dense, diagnosis, run_name=cfg.run_name,
+                                model=cfg.model, skip=cfg.skip, params=plan.params,
+                                test_accuracy=summary.get(names.TEST_ACCURACY),
+                                steps_per_epoch=data.steps_per_epoch, every_step=plan.every_step)
             with _timed(seconds, names.TIME_MODEL):
                 if cfg.wants_model:
                     report.log_model(cfg, tracker, plan.model)
             tracker.log_totals(seconds)
+        # --- 5. the answer, and where to see it -------------------------------------------------
+        on = console.colour_on(sys.stdout)
+        medians, statuses = report.layer_summary(dense, plan.every_step)
+        console.say([*console.training_lines(cfg.run_name, tracker.run_id, diagnosis,
+                                             plan.every_step, medians, statuses, on),
+                     *console.how_to_open(tracking.public_uri(mlflow.get_tracking_uri()),
+                                          tracker.experiment_id, tracker.run_id)])
         return tracker.run_id
     finally:
         data.close()
@@ -133,6 +146,7 @@ def _open(plan: planning.Plan, data, tags: dict[str, str] | None,
         }, experiment_id=experiment_id, system_metrics=cfg.wants_system_metrics(device.type),
         run_id=point.run_id if point else None)
     distributed.announce_run(tracker.run_id)
+    print(f"{cfg.run_name}: training in MLflow run {tracker.run_id}", file=sys.stderr, flush=True)
     if point is not None and os.environ.get("MLFLOW_RUN_ID") not in (None, point.run_id):
         tracking.mark_launcher(os.environ["MLFLOW_RUN_ID"], point.run_id)
     tracker.set_note(report.describe(cfg, data.source))

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import compare
+from pipeline import compare, names
 from pipeline.query import QueryError
 from runs_helpers import (FakeRun, Store, deactivate_store, describe,
                           level, make_pair, make_plain_run, make_training_run, mlflow_store,
@@ -312,17 +312,32 @@ def test_explicit_run_ids_are_compared_whatever_their_order_and_age(mlflow_store
     assert (tags["compare.noskip_run"], tags["compare.skip_run"]) == (chosen["noskip"], chosen["skip"])
 
 
-def test_explicit_run_ids_that_are_not_one_run_per_variant_are_refused_saying_what_each_is(
-        mlflow_store):
+def test_an_explicit_run_without_gradient_norms_is_refused_by_its_id(mlflow_store):
     rng = np.random.default_rng(7)
     c, exp = mlflow_store.client, mlflow_store.project_experiment_id()
     noskip = make_training_run(c, exp, "noskip", _histories(rng), 4).run_id
-    other = c.create_run(exp).info.run_id  # a compare run, say: no variant tag
+    other = c.create_run(exp).info.run_id  # a compare run, say: no gradient norms
     with pytest.raises(QueryError) as excinfo:
         compare.compare(run_ids=[other, noskip])
     message = str(excinfo.value)
     assert message.startswith("runs:") and "None" not in message
-    assert f"{other} is not a training run" in message and f"{noskip} is noskip" in message
+    assert f"run {other}" in message and "grad_norm/*" in message and noskip not in message
+
+
+def test_two_runs_of_one_variant_are_compared_labelled_by_their_names(mlflow_store):
+    rng = np.random.default_rng(7)
+    c, exp = mlflow_store.client, mlflow_store.project_experiment_id()
+    a = make_training_run(c, exp, "noskip", _histories(rng), 4).run_id
+    b = make_training_run(c, exp, "noskip", _histories(rng), 4).run_id
+    c.set_tag(a, "mlflow.runName", "first-try")
+    c.set_tag(b, "mlflow.runName", "second-try")
+    run = c.get_run(compare.compare(run_ids=[a, b]))
+    assert run.data.tags[names.COMPARE_LABELS_TAG] == "first-try,second-try"
+    assert run.data.tags[names.COMPARE_RUNS_TAG] == f"{a},{b}"
+    assert "compare.noskip_run" not in run.data.tags  # not a skip pair
+    table = read_csv(mlflow_store, run.info.run_id, "summary.csv")
+    assert list(dict.fromkeys(table["variant"])) == ["first-try", "second-try"]
+    assert "second_over_first" in table and "skip_over_noskip" not in table
 
 
 def test_compare_looks_for_runs_in_the_given_experiment(mlflow_store):
@@ -406,11 +421,6 @@ def _case_missing_variant_in_named_experiment(store: Store) -> list[str]:
     return ["--experiment", "only-skip"]
 
 
-def _case_two_runs_of_one_variant(store: Store) -> list[str]:
-    a, b = make_pair(store, seed=1)["noskip"], make_pair(store, seed=2)["noskip"]
-    return ["--runs", f"{a.run_id},{b.run_id}"]
-
-
 def _case_layer_not_in_both(store: Store) -> list[str]:
     make_pair(store)
     return ["--layers", "conv1,layer4.2.conv3"]
@@ -423,7 +433,6 @@ BAD_INPUT = {
     "experiment lacking the skip variant": (_case_missing_variant, "skip"),
     "named experiment lacking the noskip variant": (_case_missing_variant_in_named_experiment,
                                                     "noskip"),
-    "two runs of the same variant": (_case_two_runs_of_one_variant, "noskip"),
     "a layer not probed in both runs": (_case_layer_not_in_both, "layer4.2.conv3"),
 }
 

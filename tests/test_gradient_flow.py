@@ -229,9 +229,9 @@ def test_a_loss_stuck_at_ln_num_classes_is_at_chance():
 
 
 def test_the_diagnosis_uses_compares_thresholds():
-    from pipeline import compare, health
+    from pipeline import health, stats
 
-    assert compare.status is health.status  # one rule, in health; the diagnosis is health's
+    assert stats.status is health.status  # one rule, in health; the diagnosis is health's
 
 
 # --- the plots ----------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Inputs are built here with known numbers (constant norms, so the medians and decades are
 known without computing them the way the module does); the diagnosis tags come from the real
-``gradient_flow.diagnose`` and the statuses from the real ``compare.status`` rule. The page's
+``health.diagnose`` and the statuses from the real ``health.status`` rule. The page's
 chart data is read back from the Bokeh document embedded in it, the data the browser draws.
 tests/test_report_browser.py opens the pages in Chromium.
 """
@@ -20,7 +20,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from pipeline import compare, gradient_flow, names, report_html
+from pipeline import health, names, report_html, stats
 from pipeline.report_figures import bucket
 from runs_helpers import REPO_ROOT
 
@@ -48,14 +48,14 @@ def record(medians, steps=200, noise=0.0, seed=0, layers=LAYERS):
 
 
 def statuses(rec) -> dict[str, str]:
-    """compare.py's rule per layer, as gradient_flow.diagnose applies it."""
+    """compare.py's rule per layer, as health.diagnose applies it."""
     med, zero = np.median(rec["norms"], axis=0), (rec["norms"] == 0).mean(axis=0)
-    return {str(x): compare.status(float(m), float(z), float(med[-1]))
+    return {str(x): health.status(float(m), float(z), float(med[-1]))
             for x, m, z in zip(rec["layers"], med, zero)}
 
 
 def training_page(rec, run_name="resnet50-noskip", skip=False, **kw):
-    tags = gradient_flow.diagnose(rec["steps"], list(rec["layers"]), rec["norms"], rec["loss"], 10)
+    tags = health.diagnose(rec["steps"], list(rec["layers"]), rec["norms"], rec["loss"], 10)
     return report_html.training_report(
         rec, tags, run_name=run_name, run_id="0123abcd", model="resnet50", skip=skip,
         params={"lr": "0.001", "batch_size": "16"}, test_accuracy=0.1,
@@ -191,7 +191,7 @@ def test_compare_headline_states_each_variants_status_median_and_the_decades_bet
 
 
 def test_compare_report_takes_compare_layer_stats_frames_and_states_their_statuses():
-    """The compare step's own table (a DataFrame from compare.layer_stats) goes in as is."""
+    """The compare step's own table (a DataFrame from stats.layer_stats) goes in as is."""
     import pandas as pd  # compare's dependency, not report_html's
     frames = []
     for variant, medians in (("noskip", NOSKIP), ("skip", SKIP)):
@@ -200,10 +200,10 @@ def test_compare_report_takes_compare_layer_stats_frames_and_states_their_status
                                 "layer": pd.Categorical(np.tile(LAYERS, 50), categories=LAYERS,
                                                         ordered=True),
                                 "norm": rec["norms"].ravel()})
-        stats = compare.layer_stats(history)
-        stats.insert(0, "depth", range(len(stats)))
-        stats.insert(2, "variant", variant)
-        frames.append(stats)
+        frame = stats.layer_stats(history)
+        frame.insert(0, "depth", range(len(frame)))
+        frame.insert(2, "variant", variant)
+        frames.append(frame)
     table = pd.concat(frames, ignore_index=True)
     table["skip_over_noskip"] = table["layer"].map(
         table.pivot(index="layer", columns="variant", values="median").eval("skip / noskip"))

@@ -127,7 +127,7 @@ class Tracker:
     """One MLflow run: params, tags, streamed metrics, artifacts, and its end status."""
 
     def __init__(self, run_id: str, experiment_id: str | None = None):
-        self.run_id = run_id
+        self.run_id, self.experiment_id = run_id, experiment_id
         self.client = MlflowClient()
         self._writer: MetricWriter | None = None
         self._outbox = Outbox(run_id, self.client, experiment_id)
