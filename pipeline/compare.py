@@ -1,33 +1,14 @@
-"""The compare step: two training runs in, the answer out (plots, tables, a diagnosis).
+"""The compare step: two runs in, the answer out (plots, tables, a diagnosis, report.html),
+on a compare run of its own (docs: guide/compare.md).
 
-Statistics are pure functions of the histories that ``query`` reads; the figures come from
-``plots`` and everything is written by ``tracking`` onto the compare step's own run.
-
-``quantity`` picks the norms compared: ``output`` (``grad_norm/*``, dLoss/d(layer output)),
-``weight`` (``weight_grad_norm/*``, dLoss/d(layer weight and bias)), ``both``, or ``auto``
-(output when both runs have it, else weight). Each quantity gets the same figures, tables
-and diagnosis; the weight ones are named ``comparison/weight_*``.
-
-Status rule (README, "Reading the summary"): a layer's median norm is divided by the
-median norm of the run's output-side probed layer (``fc`` by default) over the same steps:
-
-    Dead        at least half of the steps have a norm of exactly 0
-    Vanishing   ratio < 1e-18     (the notebook's ~1e-21 early layers)
-    Tiny        ratio < 1e-9
-    Weak        ratio < 1e-3
-    Exploding   ratio > 1e3, or a non-finite median
-    Healthy     otherwise
-
-Weight-gradient norms get the same rule, relative to the output-side layer's weight-gradient
-norm: the thresholds were set for output gradients and are applied to weights unchanged.
-
-The two runs may differ in more than ``skip`` (``runs=latest`` matches the model only):
-every other training parameter that can move the numbers and differs is named on stderr,
-at the top of the summary and in the ``compare.differing_params`` tag; the compare goes on.
+A skip and a noskip training run keep the skip connections' words; any other two runs with
+gradient norms (``pipeline.watch`` runs of a user's own networks too) are labelled by name or
+by a param, and runs of different networks are compared layer by layer in depth order.
+``quantity`` picks the norms: output (``grad_norm/*``), weight (``weight_grad_norm/*``),
+both, or auto. The statistics and words are ``summary``'s, the status rule ``health``'s.
 """
 from __future__ import annotations
 
-import math
 import re
 import sys
 from dataclasses import dataclass
@@ -40,14 +21,14 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 
 from . import console, names, plots, query, report_html
-from .health import SEVERITY, decades
-from .stats import epoch_stats, layer_stats
-from .config import (ALL_LAYERS, AUTO, QUANTITIES as QUANTITY_CHOICES, Config, ConfigError,
-                     fields, format_value)
+from .health import decades
+from .param_diff import (VARIANTS, differences_line, differing_params, is_skip_pair,
+                         params_note)
+from .summary import diagnosis, figure_notes, markdown, panel_layers, summarize, records
+from .config import (AUTO, QUANTITIES as QUANTITY_CHOICES, ConfigError)
 from .query import QueryError
 from .tracking import Tracker, public_uri
 
-VARIANTS = ("noskip", "skip")  # a skip pair's labels, in order: the first run, the second
 LABEL_BY = ("auto", "name")     # compare's `label`, besides a parameter's name
 
 ARTIFACT_DIR = "comparison"
@@ -62,12 +43,6 @@ def artifact_paths(prefix: str) -> dict[str, str]:
             "summary_csv": f"{ARTIFACT_DIR}/{prefix}summary.csv",
             "summary_json": f"{ARTIFACT_DIR}/{prefix}summary.json",
             "epochs_csv": f"{ARTIFACT_DIR}/{prefix}per_epoch.csv"}
-
-
-# gradient_norms.png draws at most this many layer panels (2.3 inches each): with layers=all
-# a ResNet-50 shares 50 layers, a 116-inch figure nobody reads. The tables and the
-# difference heatmap keep every layer.
-PANEL_CAP = 8
 
 
 @dataclass(frozen=True)
@@ -188,91 +163,6 @@ def labels_of(runs: list, label: str) -> list[str]:
     return [re.sub(r"[^/\w.\- ]", "_", text) for text in found]
 
 
-def is_skip_pair(runs: dict[str, object]) -> bool:
-    return tuple(runs) == VARIANTS
-
-
-# --- what else differs between the two runs ----------------------------------------------------
-# Training parameters that cannot move the compared norms: they say where a run is logged,
-# what it records, how it is kept, or how the same arithmetic is executed. Every other Config
-# field counts, fields added later included: a new parameter is reported until someone
-# decides here that it is inert.
-INERT_PARAMS = frozenset({
-    "skip",                                   # the one difference the comparison is about
-    "experiment",                             # where the run was logged
-    "layers", "probe",                        # what was recorded; compare reads what both hold
-    "num_workers", "data_path",               # the same batches in the same order, bit for bit
-    "graph",                                  # the same kernels, replayed from one capture
-    "channels_last",                          # a memory layout: rounding order at most
-    "flush_every",                            # when the norms are read back, not their values
-    "checkpoint_every", "checkpoint_dir", "resume", "log_checkpoint",
-    "log_model", "register_as", "log_system_metrics",
-    # stop vs continue matters only after a NaN, which the nonfinite.* tags report
-    "on_nan",
-    # DDP: the ranks' count is compared as world_size (the logged param); how they are
-    # spread over machines and where they meet does not reach the arithmetic
-    "nproc_per_node", "nnodes", "rdzv_endpoint",
-})
-
-# Parameters that decide the numbers only beside a value of another: the data folder of an
-# image folder (CIFAR-10 is the same MD5-checked files wherever it lives), the synthetic
-# set's sizes, and how often the non-default layers of layers=all become metrics (the
-# histories compare reads).
-ONLY_WITH = {"data_dir": ("dataset", "imagefolder"),
-             "synthetic_size": ("dataset", "synthetic"),
-             "synthetic_test_size": ("dataset", "synthetic"),
-             "metric_every": ("layers", ALL_LAYERS)}
-
-# `device=auto` is resolved when the run starts; the run's tag has what it resolved to.
-RESOLVED_BY_TAG = {"device": names.DEVICE_TAG}
-
-
-def _param_of(run, name: str):
-    """The parsed value ``name`` had in ``run``, or None when the run did not log it."""
-    tag = RESOLVED_BY_TAG.get(name)
-    if tag and run.data.tags.get(tag):
-        return run.data.tags[tag].split(":")[0]  # cuda:0 and cuda:1 compute alike
-    raw = run.data.params.get(name)
-    return None if raw is None else query.param_value(name, raw)
-
-
-def differing_params(runs: dict[str, object]) -> list[tuple[str, str, str]]:
-    """``(param, first run's value, second's)`` for each training parameter the two runs
-    differ in (apart from ``skip``, for a skip pair), in Config's order, then
-    ``world_size``; values compared parsed (``1e-3`` is ``0.001``), shown canonical,
-    "not logged" where a run lacks the param."""
-    inert = INERT_PARAMS if is_skip_pair(runs) else INERT_PARAMS - {"skip"}
-    candidates = [f.name for f in fields(Config) if f.name not in inert]
-    found = []
-    for name in [*candidates, names.WORLD_SIZE_PARAM]:
-        if name in ONLY_WITH:
-            other, value = ONLY_WITH[name]
-            if all(_param_of(run, other) != value for run in runs.values()):
-                continue
-        values = [_param_of(run, name) for run in runs.values()]
-        if values[0] != values[1]:
-            found.append((name, *("not logged" if x is None else format_value(x) for x in values)))
-    return found
-
-
-def differences_line(found: list[tuple[str, str, str]], labels: Sequence[str] = VARIANTS) -> str:
-    """``the runs differ in batch_norm (noskip true, skip false), image_size (64, 32); ...``"""
-    first, second = labels
-    listed = ", ".join(f"{name} ({first} {a}, {second} {b})" if i == 0 else f"{name} ({a}, {b})"
-                       for i, (name, a, b) in enumerate(found))
-    mixed = ("with the skip connections" if tuple(labels) == VARIANTS
-             else "in any difference between them")
-    return f"the runs differ in {listed}; the comparison mixes these {mixed}"
-
-
-def params_note(found: list[tuple[str, str, str]], labels: Sequence[str] = VARIANTS) -> str:
-    """The summary's line on the runs' training parameters."""
-    if not found:
-        return ("Training parameters: the same apart from skip." if tuple(labels) == VARIANTS
-                else "Training parameters: the same.")
-    return f"**Warning**: {differences_line(found, labels)}."
-
-
 def choose_quantities(runs: dict[str, object], quantity: str = AUTO) -> list[Quantity]:
     """What to compare, checked against the norms both runs hold (their metrics)."""
     if quantity not in (None, *QUANTITY_CHOICES):  # the CLI checks it; Python callers may not
@@ -339,45 +229,6 @@ def align(runs: dict[str, object], wanted: list[str] | None,
     return shared, {v: {x: x for x in shared} for v in runs}
 
 
-def ratio_column(first: str, second: str) -> str:
-    """The table's column of second-over-first medians (a documented CSV column)."""
-    return "skip_over_noskip" if (first, second) == VARIANTS else "second_over_first"
-
-
-def summarize(sides: list[Side]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The overall table (layer x variant) and the per-epoch table."""
-    overall, per_epoch = [], []
-    for side in sides:
-        stats = layer_stats(side.history, side.layers)
-        stats.insert(0, "depth", range(len(stats)))
-        stats.insert(2, "variant", side.variant)
-        stats.insert(3, "run_id", side.run.info.run_id)
-        for key, value in query.final_metrics(side.run).items():
-            stats[key] = value
-        overall.append(stats)
-        ep = epoch_stats(side.history, side.layers)
-        ep.insert(1, "variant", side.variant)
-        per_epoch.append(ep)
-    table = pd.concat(overall, ignore_index=True)
-    first, second = (side.variant for side in sides)
-    medians = table.pivot(index="layer", columns="variant", values="median")
-    ratio = (medians[second] / medians[first]).replace([np.inf, -np.inf], np.nan)
-    table[ratio_column(first, second)] = table["layer"].map(ratio)
-    order = {side.variant: i for i, side in enumerate(sides)}
-    table = table.sort_values(["depth", "variant"], key=lambda c: c.map(order) if c.name == "variant"
-                              else c, kind="stable").reset_index(drop=True)
-    return table, pd.concat(per_epoch, ignore_index=True)
-
-
-def panel_layers(layers: list[str], cap: int = PANEL_CAP) -> list[str]:
-    """At most ``cap`` of ``layers``, evenly spaced across depth, the first and last always
-    among them (input side and head: where skips matter most, and the reference)."""
-    if len(layers) <= cap:
-        return list(layers)
-    picks = np.unique(np.round(np.linspace(0, len(layers) - 1, cap)).astype(int))
-    return [layers[i] for i in picks]
-
-
 def read_differences(runs: dict[str, object], layers: list[str] | None,
                      quantities: Sequence[Quantity] = (OUTPUT,),
                      rename: dict[str, dict] | None = None) -> dict[str, tuple]:
@@ -425,104 +276,6 @@ def _difference(runs: dict[str, object], dense: dict[str, dict], layers: list[st
     if found is None:
         return None, f"the runs' {names.NORMS_NPZ} share no layer or no step"
     return found, ""
-
-
-def figure_notes(chosen: list[str], panels: list[str], difference, skipped: str,
-                 quantity: Quantity = OUTPUT) -> list[str]:
-    """The summary's lines about what the figures show (the caps and the heatmap's floor)."""
-    lines = []
-    if len(panels) < len(chosen):
-        lines.append(f"- `{quantity.norms_plot}` draws {len(panels)} of the {len(chosen)} "
-                     "compared layers, evenly across depth: " + ", ".join(f"`{x}`" for x in panels)
-                     + "; the tables below have all of them"
-                     + (", and so does the difference heatmap." if difference is not None else "."))
-    if difference is not None:
-        first, second = difference.labels
-        lines.append(f"- `{quantity.difference_plot}`: log10({second} norm) - log10({first} norm) "
-                     f"for {len(difference.layers)} layers x {difference.steps} shared batches"
-                     + (f" (a column is the mean of {difference.per_column} batches)"
-                        if difference.per_column > 1 else "")
-                     + (f"; zero (or non-finite) norms, {first}: "
-                        f"{difference.floored[first]}, {second}: {difference.floored[second]}, "
-                        f"are floored at 1e{difference.floor:g}, one decade below the smallest "
-                        "positive norm of either run." if any(difference.floored.values())
-                        else "; neither run has a zero norm."))
-    else:
-        lines.append(f"- `{quantity.difference_plot}` not drawn: {skipped}.")
-    return lines
-
-
-def _g(x: float) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
-
-
-def diagnosis(table: pd.DataFrame, per_epoch: pd.DataFrame,
-              labels: Sequence[str] = VARIANTS) -> list[str]:
-    """Plain-language findings: the input-side layer, and any layer whose status worsened
-    from the first epoch to a later one (the collapse a median hides)."""
-    a, b = labels
-    first = table[table["depth"] == table["depth"].min()].set_index("variant")
-    layer = first["layer"].iloc[0]
-    ratio = _g(first.loc[b, ratio_column(a, b)])
-    if tuple(labels) == VARIANTS:
-        found = [f"- Input-side layer `{layer}`: median {_g(first.loc['noskip', 'median'])} "
-                 f"without skips ({first.loc['noskip', 'status']}), "
-                 f"{_g(first.loc['skip', 'median'])} with skips ({first.loc['skip', 'status']}); "
-                 f"skip/noskip = {ratio}."]
-    else:
-        found = [f"- Input-side layer `{layer}`: median {_g(first.loc[a, 'median'])} in {a} "
-                 f"({first.loc[a, 'status']}), {_g(first.loc[b, 'median'])} in {b} "
-                 f"({first.loc[b, 'status']}); {b}/{a} = {ratio}."]
-    rank = SEVERITY
-    for (lay, variant), g in per_epoch.groupby(["layer", "variant"], observed=True, sort=False):
-        g = g.sort_values("epoch")
-        start = g.iloc[0]
-        worse = g[g["status"].map(rank) > rank[start["status"]]]
-        if len(worse):
-            w = worse.iloc[0]
-            found.append(f"- `{lay}` ({variant}) went from {start['status']} in epoch "
-                         f"{int(start['epoch']) + 1} to {w['status']} in epoch {int(w['epoch']) + 1}.")
-    return found
-
-
-def markdown(table: pd.DataFrame, per_epoch: pd.DataFrame, sides: list[Side],
-             figures: list[str] = (), quantity: Quantity = OUTPUT, params: str = "") -> str:
-    """``params``: ``params_note``'s line, first under the title: a reader must know what
-    else differs before reading any number as the skip connections' doing."""
-    g = _g
-    labels = [side.variant for side in sides]
-    a, b = labels
-    skip_pair = tuple(labels) == VARIANTS
-    column = ratio_column(a, b)
-    lines = [f"## {quantity.heading}: " + ("skip vs no skip" if skip_pair else f"{b} vs {a}"),
-             "", *([params, ""] if params else []), *diagnosis(table, per_epoch, labels), "",
-             *([*figures, ""] if figures else []),
-             "| layer | variant | median | min | max | first | last | early | late | zero steps "
-             f"| {'skip/noskip' if skip_pair else f'{b}/{a}'} | status |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in table.itertuples():
-        lines.append(f"| `{r.layer}` | {r.variant} | {g(r.median)} | {g(r.min)} | {g(r.max)} | "
-                     f"{g(r.first)} | {g(r.last)} | {g(r.early_median)} | {g(r.late_median)} | "
-                     f"{r.zero_fraction:.0%} | {g(getattr(r, column))} | {r.status} |")
-    epochs = sorted(per_epoch["epoch"].unique())
-    lines += ["", "### Per epoch: median norm (status)", "",
-              "| layer | variant | " + " | ".join(f"epoch {e + 1}" for e in epochs) + " |",
-              "|---|---|" + "---:|" * len(epochs)]
-    for (layer, variant), g_ in per_epoch.groupby(["layer", "variant"], observed=True, sort=False):
-        cells = {int(r.epoch): f"{g(r.median)} ({r.status})" for r in g_.itertuples()}
-        lines.append(f"| `{layer}` | {variant} | " + " | ".join(cells.get(e, "-") for e in epochs) + " |")
-    lines += ["", "### Runs", "", "| variant | run | train acc | train loss | test acc | test loss |",
-              "|---|---|---:|---:|---:|---:|"]
-    for side in sides:
-        m = query.final_metrics(side.run)
-        lines.append(f"| {side.variant} | `{side.run.info.run_id}` ({side.run.info.run_name}) | "
-                     f"{g(m[names.TRAIN_ACCURACY])} | {g(m[names.TRAIN_LOSS])} | "
-                     f"{g(m[names.TEST_ACCURACY])} | {g(m[names.TEST_LOSS])} |")
-    lines += ["", "Status: a layer's median relative to the output-side layer's median "
-                  "(Vanishing < 1e-18 < Tiny < 1e-9 < Weak < 1e-3 < Healthy < 1e3 < Exploding); "
-                  "Dead = zero on at least half the steps. Early/late = medians over the first "
-                  "and last tenth of the steps." + quantity.status_note]
-    return "\n".join(lines) + "\n"
 
 
 @dataclass
@@ -682,11 +435,5 @@ def _log_part(tracker: Tracker, part: Part, runs: dict[str, object], chosen: lis
                       "layers": chosen, "panel_layers": panels,
                       "differing_params": [{"param": n, first: a, second: b}
                                            for n, a, b in differing],
-                      "summary": _records(part.table), "per_epoch": _records(part.per_epoch)},
+                      "summary": records(part.table), "per_epoch": records(part.per_epoch)},
                      q.summary_json)
-
-
-def _records(frame: pd.DataFrame) -> list[dict]:
-    """JSON-safe rows: NaN becomes null."""
-    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
-            for row in frame.astype(object).to_dict(orient="records")]

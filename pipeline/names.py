@@ -33,6 +33,7 @@ MODEL = "model"                                 # the logged model's name (mlflo
 
 # Tags.
 VARIANT_TAG = "variant"                        # "skip" | "noskip"
+VARIANTS = ("noskip", "skip")                  # the variant tag's values, in a skip pair's order
 MODEL_TAG = "model"
 LAYERS_RESOLVED_TAG = "layers.resolved"        # the probed layers, in order (`layers=auto` resolved)
 NOTE_TAG = "mlflow.note.content"               # the run description the UI shows

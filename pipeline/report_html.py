@@ -18,220 +18,21 @@ What the figures show and how they are downsampled: ``report_figures``.
 """
 from __future__ import annotations
 
-import functools
 import html
 import math
-import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
-from bokeh.embed import components
 from bokeh.palettes import Category10_10
-from bokeh.resources import Resources
 
 from . import names
 from .report_figures import (HEATMAP_COLUMNS, MAX_POINTS, VARIANT_COLOURS, VARIANT_LABELS,
                              depth_figure, heatmap_figure, sweep_figure, time_figure)
 
-# Layers drawn over time when the caller does not say which (layers=all probes ~54).
-TIME_LAYERS_CAP = 8
-STATUS_CLASS = {"Healthy": "ok", "Weak": "weak", "Tiny": "tiny", "Vanishing": "bad",
-                "Exploding": "bad", "Dead": "dead"}
-
-
-# --- numbers -------------------------------------------------------------------------------
-def _g(x) -> str:
-    """3 significant digits; NaN/Inf named; None (or anything not a number) as a dash."""
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return "-"
-    if math.isnan(x):
-        return "NaN"
-    if math.isinf(x):
-        return "Inf" if x > 0 else "-Inf"
-    return f"{x:.3g}"
-
-
-def _pct(x) -> str:
-    """A share; a few zeros among 31,250 steps must not read as 0%."""
-    if x is None or not math.isfinite(float(x)):
-        return "-"
-    x = float(x)
-    return "<0.1%" if 0 < x < 0.001 else f"{x:.1%}" if 0 < x < 0.01 else f"{x:.0%}"
-
-
-def _decades(a: float, b: float) -> float | None:
-    """log10(a / b), or None unless both are positive and finite."""
-    if a is None or b is None:
-        return None
-    a, b = float(a), float(b)
-    if not (a > 0 and b > 0 and math.isfinite(a) and math.isfinite(b)):
-        return None
-    return math.log10(a / b)
-
-
-def layer_stats(values) -> dict:
-    """Statistics of one layer's norms over the steps: those of the finite values, plus the
-    shares of zeros and the count of NaN/Inf."""
-    v = np.asarray(values, dtype=np.float64)
-    f = v[np.isfinite(v)]
-    k = max(1, len(f) // 10)  # early/late: first and last tenth, as compare.layer_stats
-    stat = (lambda fn, a: float(fn(a)) if len(a) else math.nan)  # noqa: E731
-    return {"median": stat(np.median, f), "p10": stat(lambda a: np.quantile(a, 0.1), f),
-            "p90": stat(lambda a: np.quantile(a, 0.9), f), "min": stat(np.min, f),
-            "max": stat(np.max, f), "early_median": stat(np.median, f[:k]),
-            "late_median": stat(np.median, f[-k:]),
-            "zero_fraction": float((v == 0).mean()) if len(v) else math.nan,
-            "nonfinite": int((~np.isfinite(v)).sum())}
-
-
-def curves_from_record(record: Mapping[str, np.ndarray], key: str = "norms",
-                       layers: Sequence[str] | None = None) -> dict[str, tuple]:
-    """``{layer: (steps, values)}`` from a norms.npz dict (``key``: norms | weight_norms)."""
-    names_ = [str(x) for x in record["layers"]]
-    table = np.asarray(record[key], dtype=np.float64).reshape(len(record["steps"]), len(names_))
-    return {name: (np.asarray(record["steps"]), table[:, i]) for i, name in enumerate(names_)
-            if layers is None or name in layers}
-
-
-def pick_layers(layers: Sequence[str], cap: int = TIME_LAYERS_CAP) -> list[str]:
-    """At most ``cap`` layers, evenly across depth, the first and last always among them."""
-    if len(layers) <= cap:
-        return list(layers)
-    return [layers[i] for i in np.unique(np.round(np.linspace(0, len(layers) - 1, cap)).astype(int))]
-
-
-# --- the page ------------------------------------------------------------------------------
-CSS = """
-body{font:14px/1.45 -apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#1d1d1f;
- margin:0 auto;max-width:1160px;padding:20px 24px 40px}
-h1{font-size:22px;margin:4px 0 6px} h2{font-size:17px;margin:28px 0 6px;border-bottom:1px solid #ddd}
-.kicker{color:#666;font-size:12px;text-transform:uppercase;letter-spacing:.05em;margin:0}
-.meta,.note{color:#555;margin:4px 0 10px} .warn{background:#fff4e5;border-left:4px solid #f0a030;
- padding:6px 10px} ul{margin:6px 0;padding-left:22px} code{background:#f3f3f3;padding:0 3px}
-table{border-collapse:collapse;margin:8px 0 16px;font-size:12.5px}
-th,td{border-bottom:1px solid #e6e6e6;padding:3px 8px;text-align:left;white-space:nowrap}
-th{background:#f7f7f7} td.n{text-align:right;font-variant-numeric:tabular-nums}
-.ok{color:#1a7f37} .weak{color:#9a6700} .tiny{color:#bc4c00} .bad{color:#cf222e;font-weight:600}
-.dead{color:#fff;background:#444} .wide{overflow-x:auto} details{margin:8px 0}
-footer{margin-top:30px;color:#666;font-size:12px}
-"""
-
-
-@functools.cache
-def _bokeh_js() -> str:
-    """BokehJS core, inline (no widgets, tables, GL or MathJax bundles: nothing here uses
-    them). Read from the installed package once: ~1.27 MB."""
-    return Resources(mode="inline", components=["bokeh"]).render_js()
-
-
-def _md(text: str) -> str:
-    """The compare diagnosis' markdown, as HTML: `code`, **bold**, a leading "- " dropped."""
-    out = html.escape(str(text).strip())
-    out = re.sub(r"^- ", "", out)
-    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
-    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
-
-
-def _status(s) -> str:
-    s = "-" if s is None or s == "" else str(s)
-    return f'<td class="{STATUS_CLASS.get(s, "")}">{html.escape(s)}</td>'
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence], numeric: Sequence[int] = (),
-           status: Sequence[int] = (), table_id: str = "") -> str:
-    """An HTML table; cells are escaped here (``numeric``: right-aligned; ``status``: coloured)."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = []
-    for row in rows:
-        cells = []
-        for i, cell in enumerate(row):
-            if i in status:
-                cells.append(_status(cell))
-            else:
-                cells.append(f'<td{" class=n" if i in numeric else ""}>{html.escape(str(cell))}</td>')
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    ident = f' id="{table_id}"' if table_id else ""
-    return f'<div class="wide"><table{ident}><tr>{head}</tr>{"".join(body)}</table></div>'
-
-
-@dataclass
-class _Figure:
-    heading: str
-    note: str        # HTML, already escaped
-    model: object
-
-
-def _page(kind: str, title: str, headline: str, meta: str, points: Sequence[str],
-          figures: Sequence[_Figure], tables: Sequence[str], warning: str = "") -> str:
-    script, divs = components([f.model for f in figures]) if figures else ("", ())
-    parts = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{html.escape(title)}</title>", f"<style>{CSS}</style>", _bokeh_js(),
-        "</head><body>", f'<header><p class="kicker">gradient-flow · {html.escape(kind)}</p>',
-        f'<h1 id="headline">{headline}</h1>', f'<p class="meta">{meta}</p>',
-        *([f'<p class="warn">{warning}</p>'] if warning else []), "</header>",
-        '<section id="diagnosis"><h2>Diagnosis</h2><ul>',
-        *(f"<li>{p}</li>" for p in points), "</ul></section>", '<section id="figures">']
-    for f, div in zip(figures, divs):
-        parts += [f"<h2>{html.escape(f.heading)}</h2>", f'<p class="note">{f.note}</p>', div]
-    parts += ["</section>", '<section id="tables">', *tables, "</section>",
-              "<footer>Figures: drag to pan, scroll or box to zoom, hover for values, click a "
-              "legend entry to hide its series. The figures are downsampled for display; the "
-              "tables and the run's metrics and artifacts hold the exact values.</footer>",
-              script, "</body></html>"]
-    return "\n".join(parts)
-
-
-def _rows(table) -> list[dict]:
-    """Table rows as dicts: a list of dicts as is, or anything with ``to_dict(orient=
-    "records")`` (a DataFrame) converted, so callers need not and this module does not
-    import pandas."""
-    if table is None:
-        return []
-    if hasattr(table, "to_dict"):
-        return table.to_dict(orient="records")
-    return [dict(r) for r in table]
-
-
-def _downsample_note(steps: int, per: int, floor: float | None, ceiling: float | None,
-                     zeros: bool, bad: bool) -> str:
-    out = (f"{steps:,} steps. " + ("Every step is drawn. " if per == 1 else
-           f"Downsampled for display: each point is the median of {per:,} consecutive steps' "
-           "positive values, the band their min to max. "))
-    if zeros:
-        out += (f"▼ marks steps with an exact zero gradient (no log axis can show 0), drawn "
-                f"at {floor:.0e}, a decade or more below the smallest value; hover says how "
-                "many. ")
-    if bad:
-        out += (f"× marks NaN/Inf values (a blow-up), drawn at {ceiling:.3g}, above the "
-                "largest value. ")
-    return out + "Exact values: the run's metrics and <code>gradients/norms.npz</code>."
-
-
-def _marks_note(rows: Sequence[Mapping], floor: float, ceiling: float) -> str:
-    """What the edge marks of a figure of medians mean, for those it has."""
-    medians = np.array([float(r.get("median", math.nan)) for r in rows], dtype=np.float64)
-    out = []
-    if (medians == 0).any():
-        out.append(f"▼: a median of exactly zero, drawn at {floor:.0e} (no log axis can show 0).")
-    if (~np.isfinite(medians)).any():
-        out.append(f"×: a NaN/Inf median, drawn at {ceiling:.0e}.")
-    return " ".join(out)
-
-
-def _has(curves: Mapping[str, tuple], test) -> bool:
-    return any(test(np.asarray(v, dtype=np.float64)).any() for _, v in curves.values())
-
-
-def _zero(v):
-    return v == 0
-
-
-def _bad(v):
-    return ~np.isfinite(v)
+from .report_page import (Figure, decades_or_none, downsample_note,
+                          fmt, has, is_bad, is_zero, marks_note, md, page, pct, pick_layers,
+                          as_rows, series_stats, html_table)
 
 
 # --- a training run ------------------------------------------------------------------------
@@ -243,10 +44,10 @@ def _training_headline(tags: Mapping[str, str], layers: list[str], stats: dict,
         return "No gradient record: this run logged no gradient norms."
     first, head = layers[0], layers[-1]
     c = lambda x: f"<code>{html.escape(x)}</code>"  # noqa: E731
-    med = lambda x: _g(stats[x]["median"])  # noqa: E731
+    med = lambda x: fmt(stats[x]["median"])  # noqa: E731
 
     def versus(layer: str) -> str:
-        d = _decades(stats[layer]["median"], stats[head]["median"])
+        d = decades_or_none(stats[layer]["median"], stats[head]["median"])
         if d is None or layer == head:
             return ""
         return f", {abs(d):.1f} decades {'below' if d < 0 else 'above'} {c(head)} ({med(head)})"
@@ -333,13 +134,13 @@ def training_report(record: Mapping[str, np.ndarray], tags: Mapping[str, str], *
              if key else np.zeros((len(steps), 0)))
     if not key:
         layers = []
-    stats = {x: layer_stats(table[:, i]) for i, x in enumerate(layers)}
+    stats = {x: series_stats(table[:, i]) for i, x in enumerate(layers)}
     variant = "" if skip is None else "skip" if skip else "noskip"
     title = f"{run_name}: gradient flow"
     meta = " · ".join(html.escape(str(x)) for x in (
         f"run {run_name}", f"ID {run_id}", f"model {model}",
         {"skip": "with skip connections", "noskip": "without skip connections"}.get(variant, ""),
-        f"test accuracy {_g(test_accuracy)}" if test_accuracy is not None else "",
+        f"test accuracy {fmt(test_accuracy)}" if test_accuracy is not None else "",
         f"{len(steps):,} steps" + (f" ({steps_per_epoch:,} per epoch)" if steps_per_epoch else ""))
         if x)
 
@@ -356,15 +157,15 @@ def training_report(record: Mapping[str, np.ndarray], tags: Mapping[str, str], *
         fig, floor, ceiling, per = time_figure(
             f"L2 norm of {label[key]} per layer (log axis)", curves, colours,
             f"L2 norm of {label[key]}", steps_per_epoch)
-        note = _downsample_note(len(steps), per, floor, ceiling, _has(curves, _zero), _has(curves, _bad))
+        note = downsample_note(len(steps), per, floor, ceiling, has(curves, is_zero), has(curves, is_bad))
         if len(shown) < len(layers):
             note = (f"{len(shown)} of the {len(layers)} probed layers (those logged every step); "
                     "the heatmap and the depth profile below show all of them. " + note)
-        figures.append(_Figure("Gradient norms over training", note, fig))
+        figures.append(Figure("Gradient norms over training", note, fig))
         if len(layers) > 1:
             heat, _ = heatmap_figure(f"log10 L2 norm of {label[key]}: layer x step",
                                           steps, layers, table, steps_per_epoch)
-            figures.append(_Figure(
+            figures.append(Figure(
                 "Gradient flow: every layer, every step", "Each cell is the median of "
                 f"{max(1, -(-len(steps) // HEATMAP_COLUMNS)):,} steps; black: all of them "
                 "exactly zero; grey: all NaN/Inf. Input side at the top.", heat))
@@ -372,9 +173,9 @@ def training_report(record: Mapping[str, np.ndarray], tags: Mapping[str, str], *
         depth, floor, ceiling = depth_figure(
             f"Median L2 norm of {label[key]} against depth", layers, {variant or "run": rows},
             {variant or "run": VARIANT_COLOURS.get(variant, "#333333")}, f"L2 norm of {label[key]}")
-        figures.append(_Figure("Gradient against depth", "Median over all steps, the band "
+        figures.append(Figure("Gradient against depth", "Median over all steps, the band "
                                "the 10th to 90th percentile; dashed and dotted: the first and "
-                               "last tenth of the steps. " + _marks_note(rows, floor, ceiling),
+                               "last tenth of the steps. " + marks_note(rows, floor, ceiling),
                                depth))
     if key == "norms" and "weight_norms" in record:
         w = np.asarray(record["weight_norms"], dtype=np.float64).reshape(len(steps), len(layers))
@@ -384,26 +185,26 @@ def training_report(record: Mapping[str, np.ndarray], tags: Mapping[str, str], *
             "L2 norm of dLoss/d(layer weights) per layer (log axis)", curves,
             {x: Category10_10[i % 10] for i, x in enumerate(shown_w)},
             "L2 norm of dLoss/d(layer weights)", steps_per_epoch)
-        figures.append(_Figure("Weight-gradient norms over training", _downsample_note(
-            len(steps), per, floor, ceiling, _has(curves, _zero), _has(curves, _bad)), fig))
+        figures.append(Figure("Weight-gradient norms over training", downsample_note(
+            len(steps), per, floor, ceiling, has(curves, is_zero), has(curves, is_bad)), fig))
     if len(loss):
         fig, _, ceiling, per = time_figure("Training loss", {"loss": (steps, loss)},
                                            {"loss": "#444444"}, "loss", steps_per_epoch,
                                            y_log=False, height=280)
         fig.legend.visible = False
-        figures.append(_Figure("Training loss", _downsample_note(
+        figures.append(Figure("Training loss", downsample_note(
             len(loss), per, None, ceiling, False, bool(bad_loss)).replace(
                 " positive values", " values"), fig))
 
     tables = []
     if layers:
         head = stats[layers[-1]]["median"]
-        tables.append("<h2>Per layer</h2>" + _table(
+        tables.append("<h2>Per layer</h2>" + html_table(
             ["depth", "layer", "median", "p10", "p90", "min", "max", "early", "late",
              "zero steps", "NaN/Inf", f"decades vs {layers[-1]}", "status"],
-            [[i, x, _g(s["median"]), _g(s["p10"]), _g(s["p90"]), _g(s["min"]), _g(s["max"]),
-              _g(s["early_median"]), _g(s["late_median"]), _pct(s["zero_fraction"]),
-              s["nonfinite"], ("-" if (d := _decades(s["median"], head)) is None
+            [[i, x, fmt(s["median"]), fmt(s["p10"]), fmt(s["p90"]), fmt(s["min"]), fmt(s["max"]),
+              fmt(s["early_median"]), fmt(s["late_median"]), pct(s["zero_fraction"]),
+              s["nonfinite"], ("-" if (d := decades_or_none(s["median"], head)) is None
                                else f"{d:+.1f}"), statuses.get(x, "-")]
              for i, (x, s) in enumerate(stats.items())],
             numeric=range(2, 12), status=(12,), table_id="layers")
@@ -411,14 +212,14 @@ def training_report(record: Mapping[str, np.ndarray], tags: Mapping[str, str], *
               "medians of the first and last tenth of the steps; status by the compare rule "
               "(a layer's median relative to the output-side layer's).</p>")
     if params:
-        tables.append("<details><summary>Parameters</summary>" + _table(
+        tables.append("<details><summary>Parameters</summary>" + html_table(
             ["param", "value"], sorted((str(k), str(v)) for k, v in params.items()))
             + "</details>")
     blowup = None
     if bad:
         rows = np.flatnonzero((~np.isfinite(table)).any(axis=1))
         blowup = (int(steps[rows[0]]), bad)
-    return _page("training run", title, _training_headline(tags, layers, stats, statuses, blowup),
+    return page("training run", title, _training_headline(tags, layers, stats, statuses, blowup),
                  meta, points, figures, tables)
 
 
@@ -466,7 +267,7 @@ def _compare_headline(rows: list[dict], labels: Sequence[str] = SKIP_PAIR) -> st
     if n is None or s is None:
         return f"The comparison needs both a {html.escape(a)} and a {html.escape(b)} run."
     layer = html.escape(str(n["layer"]))
-    d = _decades(s["median"], n["median"])
+    d = decades_or_none(s["median"], n["median"])
     skip_pair = tuple(labels) == SKIP_PAIR
     lower = "lower with skips" if skip_pair else f"lower in {html.escape(b)}"
     gap = ("" if d is None else f": {abs(d):.1f} decades apart" if d > 0 else
@@ -475,12 +276,12 @@ def _compare_headline(rows: list[dict], labels: Sequence[str] = SKIP_PAIR) -> st
     where_a, where_b = (("without skips", "with them") if skip_pair
                         else (f"in {html.escape(a)}", f"in {html.escape(b)}"))
     return (f"<code>{layer}</code> is {html.escape(str(n['status']))} {where_a} (median "
-            f"{_g(n['median'])}{zero(n)}) and {html.escape(str(s['status']))} {where_b} "
-            f"({_g(s['median'])}{zero(s)}){gap}.")
+            f"{fmt(n['median'])}{zero(n)}) and {html.escape(str(s['status']))} {where_b} "
+            f"({fmt(s['median'])}{zero(s)}){gap}.")
 
 
 def _compare_figures(part: ComparePart, rows: list[dict], steps_per_epoch: int | None,
-                     max_points: int, labels: Sequence[str] = SKIP_PAIR) -> list[_Figure]:
+                     max_points: int, labels: Sequence[str] = SKIP_PAIR) -> list[Figure]:
     figures = []
     colours = pair_colours(labels)
     layers = list(dict.fromkeys(str(r["layer"]) for r in sorted(rows, key=lambda r: int(r["depth"]))))
@@ -494,8 +295,8 @@ def _compare_figures(part: ComparePart, rows: list[dict], steps_per_epoch: int |
             {v: colours[v] for v in curves}, "L2 norm", steps_per_epoch,
             max_points=max_points, height=300, layer=layer)
         steps = max(len(c[0]) for c in curves.values())
-        figures.append(_Figure(f"{part.heading}: {layer}", _downsample_note(
-            steps, per, floor, ceiling, _has(curves, _zero), _has(curves, _bad)), fig))
+        figures.append(Figure(f"{part.heading}: {layer}", downsample_note(
+            steps, per, floor, ceiling, has(curves, is_zero), has(curves, is_bad)), fig))
     if len(panels) < len(layers):
         figures[0].note = (f"{len(panels)} of the {len(layers)} compared layers, evenly across "
                            "depth; the depth profile and the tables have all of them. "
@@ -508,33 +309,33 @@ def _compare_figures(part: ComparePart, rows: list[dict], steps_per_epoch: int |
                                          colours, f"L2 norm of {part.label}")
     which = ("red without skips, blue with" if tuple(labels) == SKIP_PAIR
              else f"red: {labels[0]}, blue: {labels[1]}")
-    figures.append(_Figure(f"{part.heading} against depth", "Median over the steps, the band "
+    figures.append(Figure(f"{part.heading} against depth", "Median over the steps, the band "
                            "the 10th to 90th percentile, dashed and dotted: the first and last "
                            f"tenth of the steps; {which}. "
-                           + _marks_note(rows, floor, ceiling), depth))
+                           + marks_note(rows, floor, ceiling), depth))
     return figures
 
 
 def _compare_tables(part: ComparePart, rows: list[dict],
                     labels: Sequence[str] = SKIP_PAIR) -> list[str]:
     ratio = _ratio_column(labels)
-    out = [f"<h2>{html.escape(part.heading)}: per layer</h2>" + _table(
+    out = [f"<h2>{html.escape(part.heading)}: per layer</h2>" + html_table(
         ["layer", "variant", "median", "min", "max", "first", "last", "early", "late",
          "zero steps", "skip/noskip" if ratio == "skip_over_noskip" else
          f"{labels[1]}/{labels[0]}", "status"],
-        [[r["layer"], r["variant"], _g(r.get("median")), _g(r.get("min")), _g(r.get("max")),
-          _g(r.get("first")), _g(r.get("last")), _g(r.get("early_median")),
-          _g(r.get("late_median")), _pct(r.get("zero_fraction")),
-          _g(r.get(ratio)), r.get("status")] for r in rows],
+        [[r["layer"], r["variant"], fmt(r.get("median")), fmt(r.get("min")), fmt(r.get("max")),
+          fmt(r.get("first")), fmt(r.get("last")), fmt(r.get("early_median")),
+          fmt(r.get("late_median")), pct(r.get("zero_fraction")),
+          fmt(r.get(ratio)), r.get("status")] for r in rows],
         numeric=range(2, 11), status=(11,), table_id="summary")]
-    epochs_rows = _rows(part.per_epoch)
+    epochs_rows = as_rows(part.per_epoch)
     if epochs_rows:
         epochs = sorted({int(r["epoch"]) for r in epochs_rows})
         cells: dict[tuple, dict] = {}
         for r in epochs_rows:
             cells.setdefault((str(r["layer"]), str(r["variant"])), {})[int(r["epoch"])] = (
-                f"{_g(r['median'])} ({r['status']})")
-        out.append("<h2>Per epoch: median norm (status)</h2>" + _table(
+                f"{fmt(r['median'])} ({r['status']})")
+        out.append("<h2>Per epoch: median norm (status)</h2>" + html_table(
             ["layer", "variant", *(f"epoch {e + 1}" for e in epochs)],
             [[layer, v, *(c.get(e, "-") for e in epochs)] for (layer, v), c in cells.items()],
             numeric=range(2, 2 + len(epochs))))
@@ -557,7 +358,7 @@ def compare_report(parts: ComparePart | Sequence[ComparePart], *, model: str,
     parts = [parts] if isinstance(parts, ComparePart) else list(parts)
     labels = list(runs) if len(runs) == 2 else list(SKIP_PAIR)
     skip_pair = tuple(labels) == SKIP_PAIR
-    tables_rows = [_rows(p.table) for p in parts]
+    tables_rows = [as_rows(p.table) for p in parts]
     meta = " · ".join(html.escape(x) for x in [
         *( [f"run {run_name}"] if run_name else []), *([f"ID {run_id}"] if run_id else []),
         f"model {model}", *(f"{VARIANT_LABELS[v] if skip_pair else v}: "
@@ -571,22 +372,22 @@ def compare_report(parts: ComparePart | Sequence[ComparePart], *, model: str,
             for n, a, b in differing_params)
             + ("; the comparison mixes these with the skip connections." if skip_pair
                else "; the comparison mixes their effects."))
-    points = [_md(line) for p in parts for line in p.diagnosis]
+    points = [md(line) for p in parts for line in p.diagnosis]
     figures, tables = [], []
     for part, rows in zip(parts, tables_rows):
         figures += _compare_figures(part, rows, steps_per_epoch, max_points, labels)
         tables += _compare_tables(part, rows, labels)
     metric_keys = list(dict.fromkeys(k for r in runs.values() for k in (r.get("metrics") or {})))
-    tables.append("<h2>Runs</h2>" + _table(
+    tables.append("<h2>Runs</h2>" + html_table(
         ["variant", "run", "run ID", *metric_keys],
         [[v, r.get("run_name", ""), r.get("run_id", ""),
-          *(_g((r.get("metrics") or {}).get(k)) for k in metric_keys)] for v, r in runs.items()],
+          *(fmt((r.get("metrics") or {}).get(k)) for k in metric_keys)] for v, r in runs.items()],
         numeric=range(3, 3 + len(metric_keys)), table_id="runs")
         + '<p class="note">Status: a layer\'s median relative to the output-side layer\'s '
           "median (Vanishing &lt; 1e-18 &lt; Tiny &lt; 1e-9 &lt; Weak &lt; 1e-3 &lt; Healthy &lt; "
           "1e3 &lt; Exploding); Dead = zero on at least half the steps.</p>")
     vs = "skip vs no skip" if skip_pair else f"{labels[1]} vs {labels[0]}"
-    return _page("compare run", f"compare {model}: {vs}",
+    return page("compare run", f"compare {model}: {vs}",
                  _compare_headline(tables_rows[0] if tables_rows else [], labels), meta, points,
                  figures, tables, warning)
 
@@ -603,7 +404,7 @@ def _sweep_changes(cells: list[dict]) -> dict[tuple, tuple]:
     for key, rows in sorted(groups.items()):
         rows = sorted(rows, key=lambda r: float(r["depth"]))
         if len(rows) > 1:
-            out[key] = (rows[0], rows[-1], _decades(rows[-1]["median"], rows[0]["median"]))
+            out[key] = (rows[0], rows[-1], decades_or_none(rows[-1]["median"], rows[0]["median"]))
     return out
 
 
@@ -631,8 +432,8 @@ def _sweep_headline(changes: dict) -> str:
 def _sweep_lines(changes: dict) -> list[str]:
     """Per (skip, batch_norm): the stem's median at the shallowest and deepest ResNet."""
     return [f"{VARIANT_LABELS['skip' if skip else 'noskip'].capitalize()}, "
-            f"{'BatchNorm' if bn else 'no BatchNorm'}: {_g(a['median'])} at depth "
-            f"{int(a['depth'])} ({html.escape(str(a['model']))}), {_g(b['median'])} at depth "
+            f"{'BatchNorm' if bn else 'no BatchNorm'}: {fmt(a['median'])} at depth "
+            f"{int(a['depth'])} ({html.escape(str(a['model']))}), {fmt(b['median'])} at depth "
             f"{int(b['depth'])} ({html.escape(str(b['model']))}): {_change(b, d)}."
             for (skip, bn), (a, b, d) in changes.items()]
 
@@ -643,7 +444,7 @@ def sweep_report(cells, *, skipped: Sequence[str] = (), description: str = "",
     summary.json's "cells"): cell, model, depth, skip, batch_norm, layer, steps, median, p10,
     p90, zero_fraction, health, test_accuracy, run_id, reused. ``description``: what every
     cell trained on (``sweep.describe_training``)."""
-    rows = _rows(cells)
+    rows = as_rows(cells)
     changes = _sweep_changes(rows)
     headline = html.escape(_sweep_headline(changes)) if rows else "No cells."
     points = _sweep_lines(changes) + ([f"Left out: {html.escape(', '.join(skipped))} (no skip connections to "
@@ -654,20 +455,20 @@ def sweep_report(cells, *, skipped: Sequence[str] = (), description: str = "",
     figures = []
     if rows:
         fig, floor, ceiling = sweep_figure(rows)
-        figures.append(_Figure("First-layer gradient norm against depth",
+        figures.append(Figure("First-layer gradient norm against depth",
                                "Median over each network's training steps of the L2 norm of "
                                "dLoss/d(its first probed layer's output), whiskers the 10th to "
                                "90th percentile; solid: no BatchNorm, dashed: BatchNorm. "
-                               + _marks_note(rows, floor, ceiling), fig))
-    table = _table(
+                               + marks_note(rows, floor, ceiling), fig))
+    table = html_table(
         ["cell", "depth", "first layer", "steps", "median", "p10", "p90", "zero steps",
          "health", "test acc", "run"],
         [[r.get("cell", ""), r.get("depth", ""), r.get("layer", ""), r.get("steps", ""),
-          _g(r.get("median")), _g(r.get("p10")), _g(r.get("p90")), _pct(r.get("zero_fraction")),
-          r.get("health") or "-", _g(r.get("test_accuracy")),
+          fmt(r.get("median")), fmt(r.get("p10")), fmt(r.get("p90")), pct(r.get("zero_fraction")),
+          r.get("health") or "-", fmt(r.get("test_accuracy")),
           f"{r.get('run_id', '')}{' (reused)' if r.get('reused') else ''}"] for r in rows],
         numeric=(1, 3, 4, 5, 6, 7, 9), table_id="cells")
     meta = " · ".join(html.escape(x) for x in (f"run {run_name}", f"ID {run_id}" if run_id else "",
                                                description, f"{len(rows)} cells") if x)
-    return _page("sweep run", "sweep: first-layer gradient against depth", headline, meta,
+    return page("sweep run", "sweep: first-layer gradient against depth", headline, meta,
                  points, figures, ["<h2>Cells</h2>" + table])

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import compare, gradient_flow, names, plots, query
+from pipeline import compare, gradient_flow, names, plots, query, summary
 from runs_helpers import (Store, deactivate_store, level, make_training_run,  # noqa: F401
                           mlflow_store, new_store, trained_pair)
 
@@ -147,7 +147,7 @@ def test_a_full_default_runs_difference_heatmap_is_computed_and_drawn_in_seconds
 @pytest.mark.parametrize("n", [1, 8, 9, 12, 54])
 def test_panels_are_at_most_eight_layers_evenly_across_depth_with_the_first_and_last(n):
     layers = [f"l{i}" for i in range(n)]
-    picked = compare.panel_layers(layers)
+    picked = summary.panel_layers(layers)
     assert len(picked) == min(n, 8)
     assert picked[0] == layers[0] and picked[-1] == layers[-1]
     positions = [layers.index(x) for x in picked]
@@ -173,7 +173,7 @@ def test_compare_of_two_runs_with_norms_npz_logs_the_difference_heatmap_and_caps
         assert len(im.convert("RGB").getcolors(maxcolors=1_000_000) or range(11)) > 10
     # the panels: 8 of 12, first and last included, named in a tag, the JSON and the note
     panels = run.data.tags[names.PANEL_LAYERS_TAG].split(",")
-    assert panels == compare.panel_layers(LAYERS) and len(panels) == 8
+    assert panels == summary.panel_layers(LAYERS) and len(panels) == 8
     assert panels[0] == "conv1" and panels[-1] == "fc"
     note = run.data.tags[names.NOTE_TAG]
     assert "draws 8 of the 12 compared layers" in note
@@ -192,7 +192,7 @@ def test_capped_panel_figure_is_as_tall_as_an_eight_layer_comparison(mlflow_stor
     deep_pair(mlflow_store, tmp_path)
     from PIL import Image
     heights = {}
-    for key, layers in (("all", None), ("eight", compare.panel_layers(LAYERS))):
+    for key, layers in (("all", None), ("eight", summary.panel_layers(LAYERS))):
         cid = compare.compare(layers=layers)
         with Image.open(artifact_dir(mlflow_store, cid) / "comparison/gradient_norms.png") as im:
             heights[key] = im.size[1]

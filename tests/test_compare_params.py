@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import compare, names, query
+from pipeline import compare, names, param_diff, query
 from pipeline.config import Config, fields
 from runs_helpers import (TINY_TRAIN, Store, deactivate_store, describe, level,  # noqa: F401
                           make_training_run, mlflow_store, new_store, run_pipeline, trained_pair)
@@ -56,7 +56,7 @@ def make_runs(store: Store, noskip: dict[str, str], skip: dict[str, str],
 def differing(store: Store, noskip: dict[str, str], skip: dict[str, str],
               tags: dict[str, dict[str, str]] | None = None) -> list[str]:
     ids = make_runs(store, noskip, skip, tags)
-    return [name for name, _, _ in compare.differing_params(
+    return [name for name, _, _ in param_diff.differing_params(
         {v: query.get_run(run_id) for v, run_id in ids.items()})]
 
 
@@ -191,17 +191,17 @@ def test_a_parameter_is_reported_only_where_it_can_change_the_numbers(mlflow_sto
 
 def test_a_param_one_run_did_not_log_is_shown_as_not_logged(mlflow_store):
     ids = make_runs(mlflow_store, {"precision": "bf16", "lr": "1e-2"}, {"precision": None})
-    found = compare.differing_params({v: query.get_run(i) for v, i in ids.items()})
+    found = param_diff.differing_params({v: query.get_run(i) for v, i in ids.items()})
     assert found == [("lr", "0.01", "0.001"), ("precision", "bf16", "not logged")]
 
 
 def test_every_parameter_the_compare_treats_apart_is_a_training_parameter():
     # A renamed Config field would otherwise be reported again, or silently not compared.
     known = {f.name for f in fields(Config)}
-    assert compare.INERT_PARAMS <= known
-    assert set(compare.ONLY_WITH) <= known
-    assert {other for other, _ in compare.ONLY_WITH.values()} <= known
-    assert set(compare.RESOLVED_BY_TAG) <= known
+    assert param_diff.INERT_PARAMS <= known
+    assert set(param_diff.ONLY_WITH) <= known
+    assert {other for other, _ in param_diff.ONLY_WITH.values()} <= known
+    assert set(param_diff.RESOLVED_BY_TAG) <= known
 
 
 # --- real training runs --------------------------------------------------------------------------

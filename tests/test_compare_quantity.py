@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import compare, names, plots, query, workflow
+from pipeline import compare, names, param_diff, plots, query, workflow
 from pipeline.config import CompareConfig, Config, ConfigError, parse, to_params
 from pipeline.query import QueryError
 from runs_helpers import (Store, deactivate_store, describe, new_store, run_mlflow,
@@ -217,7 +217,7 @@ def test_quantity_both_compares_output_and_weight_gradients_with_both_sets_of_ar
     md = {p: local(store, cid, p).read_text() for p in (compare.SUMMARY_MD,
                                                         compare.WEIGHT_SUMMARY_MD)}
     # The description is both summaries, with the line on the runs' params said once.
-    said = compare.params_note([]) + "\n\n"
+    said = param_diff.params_note([]) + "\n\n"
     assert said in md[compare.WEIGHT_SUMMARY_MD] and note.count(said) == 1
     assert note == md[compare.SUMMARY_MD] + "\n" + md[compare.WEIGHT_SUMMARY_MD].replace(said, "")
 

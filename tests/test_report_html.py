@@ -20,7 +20,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from pipeline import health, names, report_html, stats
+from pipeline import health, names, report_html, report_page, stats
 from pipeline.report_figures import bucket
 from runs_helpers import REPO_ROOT
 
@@ -130,7 +130,7 @@ def compare_rows():
 
 
 def compare_page(steps=200, parts=None, **kw):
-    curves = {v: report_html.curves_from_record(record(NOSKIP if v == "noskip" else SKIP, steps),
+    curves = {v: report_page.curves_from_record(record(NOSKIP if v == "noskip" else SKIP, steps),
                                                 layers=["conv1", "fc"])
               for v in ("noskip", "skip")}
     part = parts or report_html.ComparePart(table=compare_rows(), curves=curves,
@@ -209,7 +209,7 @@ def test_compare_report_takes_compare_layer_stats_frames_and_states_their_status
         table.pivot(index="layer", columns="variant", values="median").eval("skip / noskip"))
     table = table.sort_values(["depth", "variant"], kind="stable")
     part = report_html.ComparePart(table=table, curves={
-        v: report_html.curves_from_record(record(m, 50)) for v, m in (("noskip", NOSKIP), ("skip", SKIP))})
+        v: report_page.curves_from_record(record(m, 50)) for v, m in (("noskip", NOSKIP), ("skip", SKIP))})
     said = headline(compare_page(parts=part))
     assert said == ("conv1 is Vanishing without skips (median 1e-21) and Healthy with them "
                     "(0.0001): 17.0 decades apart."), said
