@@ -27,6 +27,7 @@ gets them divided here too (``weights_scale``).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -109,6 +110,7 @@ class IdentityProbes(WatchProbes):
         # One float64 scalar leaf per layer; the optimizer never sees them.
         self.leaves = [torch.zeros((), dtype=torch.float64, device=device, requires_grad=True)
                        for _ in names]
+        self._checked = False  # whether the first step's leaves were looked at
         super().__init__(model, names, flush_every, device, **kwargs)
 
     def _on_forward(self, col: int):
@@ -137,6 +139,13 @@ class IdentityProbes(WatchProbes):
         torch._foreach_zero_([g for _, g in grads])
 
     def record(self, loss: torch.Tensor) -> None:
+        if self.outputs and not self._checked:
+            self._checked = True
+            if all(leaf.grad is None for leaf in self.leaves):  # an attribute read: no sync
+                warnings.warn("pipeline.watch: no output gradient reached the probes of the "
+                              "compiled model (its compiled code may predate the watch: call "
+                              "torch._dynamo.reset() before pipeline.watch); its norms read 0",
+                              stacklevel=4)
         self._gather_leaves()
         super().record(loss)
 

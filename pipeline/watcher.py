@@ -123,6 +123,7 @@ class GradientWatch:
             raise ConfigError("model", "compiled in place (model.compile()), which runs the "
                                        "watch's hooks inside the compiled code; allowed: the "
                                        "eager model, or the module torch.compile(model) returns")
+        self.compiled = compiled
         self.capture = ("identity" if compiled else "hook") if capture == "auto" else capture
         self.outputs, self.weights = probe in ("output", "both"), probe in ("weight", "both")
         self.probe, self.num_classes, self.title, self.run_id = probe, num_classes, title, run_id
@@ -162,6 +163,8 @@ class GradientWatch:
             self.tracker = tracking.Tracker(self.run_id)
         else:
             self.tracker = tracking.Silent()  # only rank 0 talks to MLflow
+        if self.compiled:
+            self._recompile()
         if self.capture == "identity":
             # Hooks inside compiled code would be traced: the layers are resolved by a dry
             # run just before the first call, from the wrapper's own (eager) pre-hook.
@@ -202,13 +205,14 @@ class GradientWatch:
         if self._first is not None:
             self._first.remove()
             self._first = None
+        if self.probes is not None:
+            self.probes.remove()
         if self.probes is None:  # no step was measured
             if self.rank == 0:
                 self.tracker.set_tags({names.WATCH_STEPS_TAG: "0"})
                 _let_go(self.tracker)
             return
         self._submit(self.probes.drain())
-        self.probes.remove()
         if self._device_skips is not None:
             self.skipped += int(self._device_skips.item())  # the one sync, at the end
         if self.rank != 0:
@@ -230,6 +234,20 @@ class GradientWatch:
                           stacklevel=2)
         finally:
             _let_go(self.tracker)
+
+    def _recompile(self) -> None:
+        """Drop the compiled code of the model's forward, so that its next call compiles
+        with the watch's hooks. dynamo does not guard on module hooks
+        (``torch._dynamo.config.skip_nnmodule_hook_guards``): code compiled before the watch
+        would run without its probes (norms of 0). (After ``close`` the removed hooks'
+        leaves can no longer be reached, which does make dynamo recompile: a test checks.)
+        The code object is shared by every instance of the class; their next calls
+        recompile too."""
+        from torch._dynamo.eval_frame import reset_code
+
+        code = getattr(getattr(type(self.inner), "forward", None), "__code__", None)
+        if code is not None:
+            reset_code(code)
 
     def _log_artifacts(self, series: dict) -> None:
         # The one call every watched run ends with; report.html joins it there.

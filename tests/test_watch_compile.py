@@ -147,3 +147,42 @@ def test_a_model_compiled_in_place_is_refused_in_one_line():
     model.compile()
     with pytest.raises(ConfigError, match="^model: compiled in place"):
         pipeline.watch(model, layers="auto")
+
+
+def test_a_model_compiled_and_run_before_the_watch_is_recompiled_with_its_probes(module_tracking_store):
+    """dynamo does not guard on module hooks (torch._dynamo.config.skip_nnmodule_hook_guards),
+    so code compiled before the watch attached would run without its probes, and the code
+    compiled with them would keep running them after it detached."""
+    data = _data(3)
+    torch.manual_seed(0)
+    eager = MLP()
+    eager_opt = torch.optim.SGD(eager.parameters(), lr=0.1)
+    torch.manual_seed(0)
+    model = MLP()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")  # dynamo alone: nothing for gcc to build
+    for net, opt in ((eager, eager_opt), (compiled, optimizer)):
+        x, y = data[0]  # a step before the watch: compiles the forward without hooks
+        opt.zero_grad()
+        _loss(net(x), y, 0).backward()
+        opt.step()
+    ref = Reference(eager, MLP_LAYERS)
+    with mlflow.start_run() as run, pipeline.watch(compiled, optimizer, layers=MLP_LAYERS) as w:
+        for i, (x, y) in enumerate(data[1:], start=1):
+            for net, opt in ((eager, eager_opt), (compiled, optimizer)):
+                loss = _loss(net(x), y, i)
+                opt.zero_grad()
+                loss.backward()
+                if net is eager:
+                    ref.end_step()
+                opt.step()
+    leaves = w.probes.leaves
+    for layer in MLP_LAYERS:
+        points = history(run.info.run_id, names.grad_norm(layer))
+        assert [s for s, _ in points] == [0, 1], layer
+        for (step, value), row in zip(points, ref.rows):
+            assert_rel_close(value, row[layer], rel=1e-5, what=f"{layer} at {step}")
+    x, y = data[0]  # after the watch: the compiled model no longer feeds its leaves
+    _loss(compiled(x), y, 0).backward()
+    assert all(leaf.grad is None or leaf.grad.item() == 0 for leaf in leaves)
