@@ -35,30 +35,24 @@ def log_gradient_flow(tracker, dense: dict, series: dict[str, list[tuple[int, fl
         path = os.path.join(tmp, os.path.basename(names.NORMS_NPZ))
         gradient_flow.save_npz(path, dense)
         tracker.log_artifact(path, names.NORMS_NPZ)  # sent (or spooled) before it returns
-    figures = [(lambda: plots.gradient_norms(gradients, f"Gradient norms - {title}",
-                                             batches_per_epoch=batches_per_epoch,
-                                             quantity=quantity), names.GRADIENT_PLOT)]
-    columns = []
+    _log(tracker, plots.gradient_norms(gradients, f"Gradient norms - {title}",
+                                       batches_per_epoch=batches_per_epoch, quantity=quantity),
+         names.GRADIENT_PLOT)
+    heatmaps = []
     if outputs:
-        columns += [(plots.gradient_flow, names.GRADIENT_FLOW_PLOT, "norms", "dLoss/d(output)"),
-                    (plots.depth_profile_at_steps, names.DEPTH_PROFILE_PLOT, "norms",
-                     "dLoss/d(layer output)")]
+        heatmaps += [(plots.gradient_flow, names.GRADIENT_FLOW_PLOT, "norms", "dLoss/d(output)"),
+                     (plots.depth_profile_at_steps, names.DEPTH_PROFILE_PLOT, "norms",
+                      "dLoss/d(layer output)")]
     if "weight_norms" in dense:
-        columns += [(plots.gradient_flow, names.WEIGHT_GRADIENT_FLOW_PLOT, "weight_norms",
-                     "dLoss/d(layer weights)"),
-                    (plots.depth_profile_at_steps, names.WEIGHT_DEPTH_PROFILE_PLOT,
-                     "weight_norms", "dLoss/d(layer weights)")]
-    figures += [(lambda make=make, column=column, what=what: make(
-        dense["steps"], list(dense["layers"]), dense[column], title,
-        batches_per_epoch=batches_per_epoch, quantity=what), path)
-        for make, path, column, what in columns]
-    for draw, path in figures:
-        fig = draw()
-        try:
-            tracker.log_figure(fig, path)
-        finally:
-            plots.close(fig)
+        heatmaps += [(plots.gradient_flow, names.WEIGHT_GRADIENT_FLOW_PLOT, "weight_norms",
+                      "dLoss/d(layer weights)"),
+                     (plots.depth_profile_at_steps, names.WEIGHT_DEPTH_PROFILE_PLOT,
+                      "weight_norms", "dLoss/d(layer weights)")]
+    for make, path, column, what in heatmaps:
+        _log(tracker, make(dense["steps"], list(dense["layers"]), dense[column], title,
+                           batches_per_epoch=batches_per_epoch, quantity=what), path)
     if outputs:  # the rules read output-gradient norms (README, "What a training run logs")
+        # diagnose needs a class count for loss.at_chance alone; without one that tag goes.
         tags = gradient_flow.diagnose(dense["steps"], list(dense["layers"]), dense["norms"],
                                       dense["loss"], num_classes or 2)
         if num_classes is None:
@@ -69,3 +63,10 @@ def log_gradient_flow(tracker, dense: dict, series: dict[str, list[tuple[int, fl
     # report.html: pipeline/report_html.py's writer joins here, with the same inputs (the
     # dense record, the series and these tags), so watched runs get it as training runs do.
     return tags
+
+
+def _log(tracker, fig, path: str) -> None:
+    try:
+        tracker.log_figure(fig, path)
+    finally:
+        plots.close(fig)

@@ -128,6 +128,25 @@ def test_weight_gradient_norms_are_of_each_layers_own_parameters(module_tracking
         a.path for a in MlflowClient().list_artifacts(run.info.run_id, "plots")}
 
 
+def test_probe_weight_alone_logs_weight_norms_and_leaves_the_health_unknown(module_tracking_store):
+    torch.manual_seed(0)
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    ref = Reference(model, LAYERS)
+    with mlflow.start_run() as run, pipeline.watch(model, optimizer, layers=LAYERS, probe="weight") as w:
+        _plain_loop(model, optimizer, w, ref, batches(2))
+    client = MlflowClient()
+    data = client.get_run(run.info.run_id).data
+    assert not any(k.startswith(names.GRAD_NORM_PREFIX) for k in data.metrics)
+    for (step, value), row in zip(history(run.info.run_id, names.weight_grad_norm("head")),
+                                  ref.weight_rows):
+        assert_rel_close(value, row["head"], what=f"weight head at {step}")
+    assert data.tags[names.HEALTH_TAG] == "unknown"  # the rules read output gradients
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {names.WEIGHT_GRADIENT_FLOW_PLOT, names.GRADIENT_PLOT} <= plots
+    assert names.GRADIENT_FLOW_PLOT not in plots
+
+
 def test_accumulated_micro_batches_give_one_row_per_step_equal_to_one_big_batch(module_tracking_store):
     """Four micro-batches of 2, loss divided by 4, per optimizer step: the row is the norm a
     batch of 8 gives, the root of the sum of the micro-batches' squares (their outputs are
