@@ -20,7 +20,9 @@ What is measured, and when (README, "Your own network: pipeline.watch", has the 
 * ``torch.amp.GradScaler`` (pass it as ``scaler=``): norms of the unscaled gradient, i.e. the
   scaled gradient autograd computed divided by the scale in force during backward, on the
   device; a step the scaler skips (inf/NaN found, so ``optimizer.step`` is not called) gets
-  no row, and its gradients are dropped; ``watch.skipped_steps`` counts them.
+  no row, and its gradients are dropped; ``watch.skipped_steps`` counts them. An optimizer
+  that takes the scaler's scale and inf flag itself (fused Adam) skips on the device inside
+  its step: that step keeps its row (non-finite norms), counted on the device.
 * ``train/loss``: only if you hand the loss over with ``.loss(loss)`` before the optimizer
   step (a device tensor; no sync): the optimizer step sees parameters and gradients, never
   the loss. The row holds the mean of the losses given since the last step.
