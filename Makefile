@@ -10,7 +10,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 P       ?=
 
-.PHONY: mlproject run test test-slow bench bench-ddp bench-compare install install-test install-server install-docs docs server clean-venv
+.PHONY: mlproject run test test-slow bench bench-ddp bench-watch bench-compare install install-test install-server install-docs docs server clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,11 @@ bench: install
 # DDP overhead: the training step on 2 gloo ranks against 1 process, on the CPU (BENCHMARKS.md).
 bench-ddp: install
 	$(BIN)/python bench/ddp.py $(BENCH_ARGS)
+
+# pipeline.watch's overhead against the same plain loop without it, on this machine
+# (BENCHMARKS.md); ~2 min; BENCH_ARGS="--compile" adds torch.compile rows (minutes more).
+bench-watch: install
+	$(BIN)/python bench/watch.py $(BENCH_ARGS)
 
 # Times the compare step on two full-size runs (see BENCHMARKS.md); ~40 s.
 bench-compare: install

@@ -25,3 +25,13 @@ def code_version() -> str:
     for path in sorted(root.rglob("*.py")):  # subpackages (tracking/) too
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
+
+
+def __getattr__(name: str):
+    """``pipeline.watch`` (pipeline/watcher.py), imported on first use: ``import pipeline``
+    stays torch-free and fast for the command line."""
+    if name == "watch":
+        from .watcher import watch
+
+        return watch
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

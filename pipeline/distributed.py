@@ -280,6 +280,24 @@ def launch_tags() -> dict[str, str]:
     return json.loads(raw) if raw else {}
 
 
+def reduce_probe_row(cur, size: int) -> None:
+    """The global batch's squared norms and loss from each of ``size`` ranks' local ones, in
+    place: one all_reduce for every layer at once, on the device, no host sync. ``cur``: the
+    squared output-gradient norms, then the loss (last).
+
+    Each rank's loss is the mean over its B/W images, and the global loss is the mean of
+    the W rank losses, so for an image of rank r, dL/d(out) = (1/W) dL_r/d(out). The
+    global squared norm of a layer's output gradient is therefore
+    sum_r ||g_r / W||^2 = (sum_r ||g_r||^2) / W^2, and the global loss sum_r L_r / W.
+    (``Comm.reduce_probes`` for training; ``pipeline.watch`` on the user's process group.)
+    """
+    import torch.distributed as dist
+
+    dist.all_reduce(cur)
+    cur[:-1].mul_(1.0 / size ** 2)
+    cur[-1:].mul_(1.0 / size)
+
+
 class Comm:
     """The collectives of one training run. With one process every method is a no-op, so
     the training loop has one code path.
@@ -326,21 +344,11 @@ class Comm:
         return DistributedDataParallel(model, device_ids=ids, static_graph=True)
 
     def reduce_probes(self, cur) -> None:
-        """The global batch's squared norms and loss from each rank's local ones, in place:
-        one all_reduce for every layer at once, on the device, no host sync.
-
-        Each rank's loss is the mean over its B/W images, and the global loss is the mean of
-        the W rank losses, so for an image of rank r, dL/d(out) = (1/W) dL_r/d(out). The
-        global squared norm of a layer's output gradient is therefore
-        sum_r ||g_r / W||^2 = (sum_r ||g_r||^2) / W^2, and the global loss sum_r L_r / W.
-        """
+        """The global batch's squared norms and loss from each rank's local ones, in place
+        (``reduce_probe_row``); a no-op with one process."""
         if self.size == 1:
             return
-        import torch.distributed as dist
-
-        dist.all_reduce(cur)
-        cur[:-1].mul_(1.0 / self.size ** 2)
-        cur[-1:].mul_(1.0 / self.size)
+        reduce_probe_row(cur, self.size)
 
     def sum_(self, *tensors) -> None:
         """Sum device tensors over the ranks, in place (evaluation's counts)."""

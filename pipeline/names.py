@@ -155,6 +155,13 @@ FIRST_LAYER_MEDIAN = "summary/first_layer_median"       # median norm of the fir
 FIRST_TO_LAST_DECADES = "summary/first_to_last_decades"  # log10 of gradient.first_to_last_ratio
 METRIC_LAYERS_TAG = "layers.every_step"                 # layers logged as metrics every step
 
+# pipeline.watch and the Lightning callback (pipeline/watcher.py), on the user's own run.
+WATCH_PROBE_TAG = "watch.probe"                # output | weight | both
+WATCH_CAPTURE_TAG = "watch.capture"            # hook (eager) | identity (torch.compile)
+WATCH_STEPS_TAG = "watch.steps"                # optimizer steps measured (rows of norms.npz)
+WATCH_SKIPPED_TAG = "watch.skipped_steps"      # steps GradScaler skipped (inf/NaN): no row
+WATCH_LOSS_TAG = "watch.loss"                  # "logged" | "not given" (train/loss)
+
 # Sweep (pipeline/sweep.py): a grid of models x skip x batch_norm as child runs of one parent
 # run, summarised as the first probed layer's median norm against depth. A cell is named
 # <model>-<skip|noskip>-<bn|nobn> (config.cell_name).
