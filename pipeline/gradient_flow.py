@@ -77,7 +77,7 @@ class Collector:
     def __init__(self, layers: tuple[str, ...], every_step: tuple[str, ...], metric_every: int,
                  then: Callable[[np.ndarray], None] | None = None,
                  warn: Callable[[str], None] | None = None, outputs: bool = True,
-                 weights: bool = False):
+                 weights: bool = False, loss: bool = True):
         self.layers = list(layers)
         self.metric_every = metric_every
         self.then = then
@@ -96,7 +96,8 @@ class Collector:
         # (last, as the console's loss reads it).
         self.columns = [c for c, _, layer in series if layer in keep]
         every = [key for _, key, layer in series if layer in keep]
-        self.keys = every + [names.log10_key(key) for key in every] + [names.TRAIN_LOSS]
+        self._norm_keys = every + [names.log10_key(key) for key in every]
+        self.with_loss = loss  # pipeline.watch without a loss given: no train/loss metric
         self.thinned = [(c, key, names.log10_key(key)) for c, key, layer in series
                         if layer not in keep]
         # Every column of the full row, named: the NaN watch's keys.
@@ -109,13 +110,19 @@ class Collector:
         self.zero_run = 0
         self.died_at: int | None = None
 
+    @property
+    def keys(self) -> list[str]:
+        """The metric writer's keys, in ``metric_values``' order."""
+        return self._norm_keys + ([names.TRAIN_LOSS] if self.with_loss else [])
+
     def wrap(self, chunk):
         return None if chunk is None else MetricColumns(chunk, self)
 
     def metric_values(self, full: np.ndarray) -> np.ndarray:
         """The writer's columns of full probe rows, in ``keys``' order."""
         norms = full[:, self.columns]
-        return np.concatenate([norms, log10_norms(norms), full[:, [self.loss_col]]], axis=1)
+        loss = [full[:, [self.loss_col]]] if self.with_loss else []
+        return np.concatenate([norms, log10_norms(norms), *loss], axis=1)
 
     def __call__(self, first_step: int, timestamps_ms: list[int], values: np.ndarray) -> None:
         self.chunks.append((first_step, values))

@@ -53,20 +53,25 @@ def result_table(gradients: dict[str, list[float]]) -> str:
     return "\n".join(rows)
 
 
-def log_results(cfg: Config, tracker, gradients: dict[str, list[float]], summary: dict,
-                data) -> None:
-    """gradients.json, its plot and the run's description with its result."""
+def log_gradients(tracker, gradients: dict[str, list[float]], title: str,
+                  steps_per_epoch: int | None = None, outputs: bool = True) -> None:
+    """gradients/gradients.json (the notebook's shape) and its plot, plots/gradient_norms.png."""
     tracker.log_dict(gradients, names.GRADIENTS_JSON)
-    variant = "with skip connections" if cfg.skip else "without skip connections"
-    fig = plots.gradient_norms(
-        gradients, f"Gradient norms - {cfg.model} ({variant}), {cfg.dataset} "
-                   f"{cfg.image_size}px, {cfg.optimizer} lr {cfg.lr}",
-        batches_per_epoch=data.steps_per_epoch,
-        quantity="dLoss/d(layer output)" if cfg.probes_outputs else "dLoss/d(layer weights)")
+    fig = plots.gradient_norms(gradients, f"Gradient norms - {title}",
+                               batches_per_epoch=steps_per_epoch,
+                               quantity="dLoss/d(layer output)" if outputs
+                               else "dLoss/d(layer weights)")
     try:
         tracker.log_figure(fig, names.GRADIENT_PLOT)
     finally:
         plots.close(fig)
+
+
+def log_results(cfg: Config, tracker, gradients: dict[str, list[float]], summary: dict,
+                data) -> None:
+    """gradients.json, its plot and the run's description with its result."""
+    log_gradients(tracker, gradients, f"{title(cfg)}, {cfg.optimizer} lr {cfg.lr}",
+                  data.steps_per_epoch, cfg.probes_outputs)
     acc = summary.get(names.TEST_ACCURACY, math.nan)
     tracker.set_note(describe(cfg, data.source) + "\n\n"
                      f"**Result** after {summary['steps']} batches: test accuracy {acc:.3f}.\n\n"
@@ -79,10 +84,12 @@ def title(cfg: Config) -> str:
 
 
 def log_gradient_flow(tracker, dense: dict[str, np.ndarray], title: str,
-                      steps_per_epoch: int | None = None) -> dict[str, str]:
+                      steps_per_epoch: int | None = None,
+                      num_classes: int | None = NUM_CLASSES) -> dict[str, str]:
     """gradients/norms.npz, the heatmap and depth profile, the diagnosis tags and its
     summary metrics, all from the dense record (every probed layer at every step this
-    process trained); returns the tags."""
+    process trained); returns the tags. Without ``num_classes`` there is no
+    ``loss.at_chance`` tag (a watched network's classes are its own)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, os.path.basename(names.NORMS_NPZ))
         gradient_flow.save_npz(path, dense)
@@ -107,7 +114,9 @@ def log_gradient_flow(tracker, dense: dict[str, np.ndarray], title: str,
     tags = {names.HEALTH_TAG: "unknown"}
     if "norms" in dense and len(dense["steps"]):  # the rules read output-gradient norms
         tags = health.diagnose(dense["steps"], list(dense["layers"]), dense["norms"],
-                               dense["loss"], NUM_CLASSES)
+                               dense["loss"], num_classes or 2)
+        if num_classes is None:
+            tags.pop(names.AT_CHANCE_TAG, None)
         first, head = (float(np.median(dense["norms"][:, i])) for i in (0, -1))
         tracker.log_totals({names.FIRST_LAYER_MEDIAN: first,
                             names.FIRST_TO_LAST_DECADES: health.decades(first, head)})

@@ -30,14 +30,13 @@ What is measured, and when (README, "Your own network: pipeline.watch", has the 
   measures, the squared norms are summed over the ranks as training's are
   (``distributed.reduce_probe_row``: global-batch norms), and rank 0 alone logs.
 * At the end (the block exits, or ``.close()``): ``gradients/norms.npz``, the plots, the
-  ``gradient.*`` tags (``flow_artifacts.log_gradient_flow``) and ``watch.*`` tags.
+  ``gradient.*`` tags (``report.log_gradient_flow``) and ``watch.*`` tags.
 
 The module is ``watcher`` rather than ``watch`` because ``pipeline.watch`` is the function:
 a submodule of that name would replace it as an attribute of the package once imported.
 """
 from __future__ import annotations
 
-import shutil
 import warnings
 from typing import Iterable
 
@@ -45,7 +44,7 @@ import mlflow
 import torch
 from torch import nn
 
-from . import config, distributed, flow_artifacts, gradient_flow, names, selection, tracking
+from . import config, distributed, gradient_flow, names, query, report, selection, tracking
 from .config import ConfigError
 from .probes import FLUSH_SECONDS
 from .watch_probes import FirstStep, IdentityProbes, WatchProbes
@@ -252,10 +251,20 @@ class GradientWatch:
             reset_code(code)
 
     def _log_artifacts(self, series: dict) -> None:
-        # The one call every watched run ends with; report.html joins it there.
-        flow_artifacts.log_gradient_flow(
-            self.tracker, self.collector.dense(), series, self.every_step,
-            self.title or f"{type(self.inner).__name__} (pipeline.watch)", self.num_classes)
+        """What a training run leaves behind, from the dense record and the points the
+        writer handed on (so gradients.json equals the metrics)."""
+        dense, title = self.collector.dense(), self.title or f"{type(self.inner).__name__}"
+        outputs = "norms" in dense
+        key = names.grad_norm if outputs else names.weight_grad_norm
+        gradients = {layer: [v for _, v in sorted(series.get(key(layer), []))]
+                     for layer in self.every_step}
+        report.log_gradients(self.tracker, gradients, f"{title} (pipeline.watch)",
+                             outputs=outputs)
+        tags = report.log_gradient_flow(self.tracker, dense, title,
+                                        num_classes=self.num_classes)
+        run_name = query.get_run(self.tracker.run_id).info.run_name or title
+        report.log_page(self.tracker, dense, tags, run_name=run_name, model=title, skip=None,
+                        every_step=self.every_step)
 
     @property
     def tags(self) -> dict[str, str]:
@@ -369,18 +378,15 @@ class GradientWatch:
         self._submit(self.probes.advance())
 
     def _start_stream(self) -> None:
-        columns, keys = list(self.collector.columns), list(self.collector.keys)
-        if not self.has_loss:  # the loss is the last column and key: no train/loss
-            columns, keys = columns[:-1], keys[:-1]
-        self._columns = columns
+        self.collector.with_loss = self.has_loss  # no train/loss unless the loop gives it
         if self.rank == 0:
-            self.tracker.stream(keys)
+            self.tracker.stream(self.collector.keys)
             self.streaming = True
 
     def _submit(self, chunk) -> None:
         if chunk is None or not self.streaming:
             return
-        self.tracker.submit(gradient_flow.MetricColumns(chunk, self._columns, self.collector))
+        self.tracker.submit(self.collector.wrap(chunk))
         self._send_thinned()
 
     def _send_thinned(self) -> None:
@@ -422,11 +428,7 @@ class GradientWatch:
 def _let_go(tracker) -> None:
     """What ``Tracker.end`` does last, without ending the run (the user's to end): give writes
     still waiting for an unreachable server their time (or leave them in the spool, saying
-    so), and remove the temporary folder of staged artifacts. Tracker has no public call for
-    this yet; it reaches into two private members."""
+    so), and remove the temporary folder of staged artifacts."""
     if not isinstance(tracker, tracking.Tracker):
         return
-    tracker._deliver_or_keep()
-    if tracker._stage is not None:
-        shutil.rmtree(tracker._stage, ignore_errors=True)
-        tracker._stage = None
+    tracker.let_go()

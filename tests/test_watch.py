@@ -72,9 +72,12 @@ def test_a_plain_loop_logs_each_layer_once_per_step_equal_to_its_own_float64_hoo
         assert [s for s, _ in points] == list(range(STEPS)), layer  # exactly once per step
         for (step, value), row in zip(points, ref.rows):
             assert_rel_close(value, row[layer], what=f"{layer} at step {step}")
-    # nothing else was probed: a norm for the layers asked for, the loss, and no more
+    # nothing else was probed: a norm (and its log10 twin) for the layers asked for, the
+    # loss, the end's summary, and no more
     keys = set(MlflowClient().get_run(run_id).data.metrics)
-    assert keys == {names.grad_norm(layer) for layer in LAYERS} | {names.TRAIN_LOSS}
+    assert keys == ({names.grad_norm(layer) for layer in LAYERS}
+                    | {names.grad_norm_log10(layer) for layer in LAYERS}
+                    | {names.TRAIN_LOSS, names.FIRST_LAYER_MEDIAN, names.FIRST_TO_LAST_DECADES})
 
 
 def test_train_loss_is_the_loss_the_loop_handed_over(plain_run):
@@ -97,7 +100,7 @@ def test_the_run_gets_norms_npz_equal_to_the_metrics_the_plots_and_the_diagnosis
     artifacts = {a.path for folder in ("plots", "gradients")
                  for a in client.list_artifacts(run_id, folder)}
     assert {names.GRADIENT_FLOW_PLOT, names.DEPTH_PROFILE_PLOT, names.GRADIENT_PLOT,
-            names.GRADIENTS_JSON, names.NORMS_NPZ} <= artifacts
+            names.GRADIENTS_JSON, names.NORMS_NPZ, names.REPORT_HTML} <= artifacts
     tags = client.get_run(run_id).data.tags
     assert tags[names.HEALTH_TAG] in ("healthy", "vanishing", "exploding", "dead")
     assert tags[names.FIRST_VANISHING_TAG] in LAYERS + ["none"]

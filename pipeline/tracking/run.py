@@ -421,6 +421,15 @@ class Tracker:
                     shutil.rmtree(self._stage, ignore_errors=True)
                     self._stage = None
 
+    def let_go(self) -> None:
+        """What ``end`` does last, without ending the run (a run someone else ends, as
+        ``pipeline.watch``'s): writes still waiting for an unreachable server get their time
+        or stay in the spool, and the staged artifacts' folder goes."""
+        self._deliver_or_keep()
+        if self._stage is not None:
+            shutil.rmtree(self._stage, ignore_errors=True)
+            self._stage = None
+
     def _deliver_or_keep(self) -> None:
         with self._outbox.lock:
             if self._outbox.spool is None:
