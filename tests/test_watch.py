@@ -97,7 +97,7 @@ def test_the_run_gets_norms_npz_equal_to_the_metrics_the_plots_and_the_diagnosis
         for j, layer in enumerate(LAYERS):  # the same float64 numbers the metrics hold
             assert npz["norms"][:, j].tolist() == [v for _, v in history(run_id, names.grad_norm(layer))]
         np.testing.assert_allclose(npz["loss"], losses, rtol=1e-7)
-    artifacts = {a.path for folder in ("plots", "gradients")
+    artifacts = {a.path for folder in ("plots", "gradients", None)
                  for a in client.list_artifacts(run_id, folder)}
     assert {names.GRADIENT_FLOW_PLOT, names.DEPTH_PROFILE_PLOT, names.GRADIENT_PLOT,
             names.GRADIENTS_JSON, names.NORMS_NPZ, names.REPORT_HTML} <= artifacts
