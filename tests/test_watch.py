@@ -448,3 +448,46 @@ def test_two_gloo_ranks_log_the_global_batch_norms_once_from_rank_0(module_track
             for (step, value), row in zip(points, rows):
                 assert_rel_close(value, row[layer], what=f"{key} at {step}")
     np.testing.assert_allclose([v for _, v in history(run_id, names.TRAIN_LOSS)], losses, rtol=1e-6)
+
+
+# --- compare: two watched runs of different networks ----------------------------------------
+class Wide(nn.Module):
+    """Another network of the user's own: an MLP whose layers share no name with Net's."""
+
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        self.inp = nn.Linear(3 * 8 * 8, 32)
+        self.hidden = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh())
+        self.out = nn.Linear(32, classes)
+
+    def forward(self, x):
+        return self.out(self.hidden(torch.tanh(self.inp(x.flatten(1)))))
+
+
+def test_compare_of_two_watched_runs_of_different_networks_has_a_skip_pairs_artifacts(
+        plain_run, tmp_path):
+    from pipeline import compare
+
+    torch.manual_seed(1)
+    model = Wide()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with mlflow.start_run(run_name="wide-mlp") as run:
+        with pipeline.watch(model, optimizer, layers="auto") as w:
+            _plain_loop(model, optimizer, w, None, batches(STEPS))
+    client = MlflowClient()
+    first = plain_run[0]
+    client.set_tag(first, "mlflow.runName", "small-cnn")
+    compare_id = compare.compare(run_ids=[first, run.info.run_id])
+
+    listed = {a.path for folder in (None, "comparison") for a in client.list_artifacts(
+        compare_id, folder)}
+    assert {compare.NORMS_PLOT, compare.DEPTH_PLOT, compare.DIFFERENCE_PLOT, compare.SUMMARY_MD,
+            compare.SUMMARY_CSV, compare.SUMMARY_JSON, compare.EPOCHS_CSV,
+            names.REPORT_HTML} <= listed
+    tags = client.get_run(compare_id).data.tags
+    assert tags[names.COMPARE_LABELS_TAG] == "small-cnn,wide-mlp"
+    assert tags[names.DIFFERENCE_TAG] == "logged"
+    # By position, input side to head: Net's stem with the MLP's first layer, head with head.
+    layers = tags[names.COMPARE_LAYERS_TAG].split(",")
+    assert layers[0] == "stem vs inp" and layers[-1] == "head vs out"
+    assert len(layers) == min(len(LAYERS), len(w.layers))
