@@ -45,6 +45,10 @@ def run_all(cfg: Config, force: bool) -> str:
         compare_id = compare.compare(cmp.experiment, cmp.run_ids, params=to_params(cmp),
                                      quantity=cmp.quantity)
         parent.set_tags({"all.compare_run": compare_id})
+        # The answer on the row the runs table shows (it folds the children away): the
+        # compare run's summary metrics, so the chart view plots them without a click.
+        answer = query.get_run(compare_id).data.metrics
+        parent.log_totals({k: v for k, v in answer.items() if k.startswith("compare/")})
         parent.set_note(f"Trained (or reused) `{ids['noskip']}` (noskip) and `{ids['skip']}` "
                         f"(skip), compared in `{compare_id}`; the comparison's summary is on "
                         "that run's page.")

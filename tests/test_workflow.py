@@ -50,6 +50,7 @@ class FirstAll:
     store: Store
     parent: object
     runs: dict
+    proc: object = None  # the `python -m pipeline all` process: its stdout is the answer
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def first_all(tmp_path_factory) -> FirstAll:
     runs = _runs(store)
     parents = [r for r in runs.values() if r.data.tags.get("pipeline.step") == "all"]
     assert len(parents) == 1, describe(proc)
-    return FirstAll(store, parents[0], runs)
+    return FirstAll(store, parents[0], runs, proc)
 
 
 @pytest.fixture
@@ -91,6 +92,30 @@ def test_all_creates_a_parent_run_with_two_training_children_and_a_compare_child
     assert {f.path for f in first_all.store.client.list_artifacts(tags["all.compare_run"],
                                                                  "comparison")} >= {
         "comparison/summary.md", "comparison/gradient_norms.png"}
+
+
+def test_all_says_which_run_is_which_and_ends_with_the_diagnosis_and_how_to_open_it(first_all):
+    tags, proc = first_all.parent.data.tags, first_all.proc
+    runs = first_all.runs
+    noskip, skip, compare_id = tags["all.noskip_run"], tags["all.skip_run"], tags["all.compare_run"]
+    out = proc.stdout
+    assert (f"compare: noskip = {runs[noskip].info.run_name} ({noskip}), "
+            f"skip = {runs[skip].info.run_name} ({skip})") in out, describe(proc)
+    after = out.split("compare: noskip =")[1]
+    assert "- Input-side layer conv1:" in after, describe(proc)
+    assert "noskip median" in after and "skip median" in after, describe(proc)
+    assert f"/runs/{compare_id}?workflowType=machine_learning" in after, describe(proc)
+    assert "\x1b[" not in out, describe(proc)  # a pipe: no colour codes
+    for run_id in (noskip, skip, compare_id):  # every run has its one-page report
+        listed = {a.path for a in first_all.store.client.list_artifacts(run_id)}
+        assert names.REPORT_HTML in listed, run_id
+
+
+def test_the_all_run_carries_the_comparisons_summary_metrics(first_all):
+    compare_id = first_all.parent.data.tags["all.compare_run"]
+    answer = {k: v for k, v in first_all.runs[compare_id].data.metrics.items()
+              if k.startswith("compare/")}
+    assert answer and {k: first_all.parent.data.metrics[k] for k in answer} == answer
 
 
 def test_all_prepares_the_device_data_once_for_both_variants(first_all):
