@@ -187,3 +187,55 @@ def test_compare_run_artifacts_preview_the_summary_and_the_plots(server, page):
             timeout=LOAD_MS)
         page.wait_for_timeout(1000)
         screenshot(page, f"compare_{name}")
+
+
+# The y tick labels of the chart whose legend names ``series``, as numbers (the UI writes a
+# minus sign as U+2212).
+TICKS_OF = """series => {
+  const charts = [...document.querySelectorAll('.js-plotly-plot')].filter(plot => {
+    let card = plot;
+    for (let i = 0; i < 10 && card; i++, card = card.parentElement) {
+      if (card.querySelectorAll('.js-plotly-plot').length > 1) return false;
+      if (card.innerText && card.innerText.includes(series)) return true;
+    }
+    return false;
+  });
+  return charts.map(p => [...p.querySelectorAll('g.ytick text')]
+                          .map(t => Number(t.textContent.replace('\\u2212', '-'))));
+}"""
+
+
+def _ticks(page, series: str) -> list[float]:
+    # The UI draws a section's charts once it scrolls into view: its heading first.
+    section = series.split("(")[1].split("/")[0]
+    page.get_by_text(section, exact=True).first.scroll_into_view_if_needed()
+    page.get_by_text(series).first.scroll_into_view_if_needed()
+    page.wait_for_function(f"() => ({TICKS_OF})({series!r}).some(t => t.length > 1)",
+                           timeout=LOAD_MS)
+    charts = page.evaluate(TICKS_OF, series)
+    assert len(charts) == 1, f"{len(charts)} charts name {series}"
+    return charts[0]
+
+
+def test_a_runs_model_metrics_page_shows_the_vanishing_stem_in_decades(server, page):
+    base, ids = server
+    page.goto(f"{base}/#/experiments/{ids['experiment']}/runs/{ids['noskip']}/model-metrics"
+              "?workflowType=machine_learning")
+    linear = _ticks(page, "resnet50-noskip (grad_norm/conv1)")
+    assert set(linear) == {0}  # MLflow's linear axis: a 1e-22 gradient reads 0, 0, 0
+    decades = _ticks(page, "resnet50-noskip (grad_norm_log10/conv1)")
+    assert len(set(decades)) > 1 and max(decades) < -15, decades  # about 1e-22: -22
+    page.wait_for_timeout(1000)
+    screenshot(page, "run_model_metrics_log10.png")
+
+
+def test_the_experiments_chart_view_shows_both_stems_decades_apart(server, page):
+    base, ids = server
+    page.goto(f"{base}/#/experiments/{ids['experiment']}?workflowType=machine_learning")
+    page.get_by_text("resnet50-noskip", exact=True).first.wait_for(state="visible")
+    page.locator('label:has(input[name="runs-view-mode"][value="CHART"])').click()
+    decades = _ticks(page, "resnet50-skip (grad_norm_log10/conv1)")
+    page.get_by_text("resnet50-noskip (grad_norm_log10/conv1)").first.wait_for(state="attached")
+    assert max(decades) - min(decades) >= 15, decades  # one axis holds both stems
+    page.wait_for_timeout(1500)
+    screenshot(page, "experiment_charts_log10.png")
