@@ -367,7 +367,7 @@ def summary_metrics(parts: list[Part], runs: dict[str, object]) -> dict[str, flo
     for part in parts:
         medians = part.table.pivot(index="layer", columns="variant", values="median")
         for layer in medians.index:
-            out[names.compare_decades(part.quantity.name, str(layer))] = decades(
+            out[names.COMPARE_DECADES[part.quantity.name](str(layer))] = decades(
                 medians.loc[layer, b], medians.loc[layer, a])
     return out
 

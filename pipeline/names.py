@@ -177,15 +177,23 @@ SWEEP_REUSED_TAG = "sweep.reused"              # "<reused>/<cells>": FINISHED ru
 SWEEP_CELL_TAG = "sweep.cell"                  # on each run the sweep trains: its cell
 
 
-def compare_decades(quantity: str, layer: str) -> str:
+def compare_decades(layer: str) -> str:
     """``compare/decades/conv1``: log10(second run's median / first's) at a compared layer
-    (skip over noskip for a skip pair); ``compare/weight_decades/...`` for weight norms.
-    Logged once, at step 0, on the compare run."""
-    return f"compare/{'' if quantity == OUTPUT else quantity + '_'}decades/{layer}"
+    (skip over noskip for a skip pair), on the compare run (and an `all` run), step 0."""
+    return f"compare/decades/{layer}"
+
+
+def compare_weight_decades(layer: str) -> str:
+    """``compare/weight_decades/conv1``: the same for the weight-gradient norms."""
+    return f"compare/weight_decades/{layer}"
+
+
+COMPARE_DECADES = {OUTPUT: compare_decades, WEIGHT: compare_weight_decades}
 
 
 def compare_test_accuracy(label: str) -> str:
-    """``compare/test_accuracy/skip``: a compared run's final test accuracy, on the compare run."""
+    """``compare/test_accuracy/skip``: a compared run's final test accuracy (by its label),
+    on the compare run (and an `all` run), step 0."""
     return f"compare/test_accuracy/{label}"
 
 

@@ -107,12 +107,12 @@ def test_a_compare_run_logs_the_decades_between_the_runs_and_each_test_accuracy(
     table = pd.read_csv(client.download_artifacts(ids["compare"], compare.SUMMARY_CSV))
     for layer, rows in table.groupby("layer"):
         medians = rows.set_index("variant")["median"]
-        assert metrics[names.compare_decades(names.OUTPUT, layer)] == pytest.approx(
+        assert metrics[names.compare_decades(layer)] == pytest.approx(
             math.log10(medians["skip"] / medians["noskip"]), abs=1e-9), layer
     for variant in ("noskip", "skip"):
         assert metrics[names.compare_test_accuracy(variant)] == client.get_run(
             ids[variant]).data.metrics[names.TEST_ACCURACY]
-    assert metrics[names.compare_decades(names.OUTPUT, "conv1")] > 15
+    assert metrics[names.compare_decades("conv1")] > 15
 
 
 # --- report.html ----------------------------------------------------------------------------------

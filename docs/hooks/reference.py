@@ -249,9 +249,11 @@ def read_names() -> list[Name]:
                 builder = getattr(names, name[:-len("_PREFIX")].lower())
                 key, what = _call(builder), what or _doc(builder)
             out.append(Name(kind, key, f"names.{name}", what, group_of(node.lineno), node.lineno))
-        elif isinstance(node, ast.FunctionDef) and node.name.endswith("_tag"):
-            func = getattr(names, node.name)
-            out.append(Name("tag", _call(func), f"names.{node.name}(...)", _doc(func),
+        elif isinstance(node, ast.FunctionDef) and (node.name.endswith("_tag")
+                                                     or node.name.startswith("compare_")):
+            func = getattr(names, node.name)  # compare_*: the compare run's summary metrics
+            kind = "tag" if node.name.endswith("_tag") else "metric"
+            out.append(Name(kind, _call(func), f"names.{node.name}(...)", _doc(func),
                             group_of(node.lineno), node.lineno))
     return out
 
