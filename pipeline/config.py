@@ -115,7 +115,8 @@ class Config:
                           choices=DATASETS)
     data_dir: str = _param("data", "where the dataset lives or is downloaded to")
     # 'auto' = one worker per core, at most 8: at 224 px the PIL resize costs ~1 ms per
-    # image (measurements.md: 17.6 ms per batch of 16 on one core), so it needs them all.
+    # image (17.6 ms per batch of 16 on one core; docs: internals/fast-path.md), so it
+    # needs them all.
     num_workers: str = _param("auto", "data loader worker processes: auto or an integer >= 0",
                               kind="auto_or_int")
     data_path: str = _param("auto", "how batches are made: dataloader (CPU workers, PIL per image: "

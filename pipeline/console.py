@@ -1,6 +1,6 @@
 """What the steps print when they end: the answer, and where to see it (docs:
-guide/terminal.md). Plain text off a terminal (CI logs, pipes) or with NO_COLOR set; the
-statuses in colour on one.
+guide/run-logs.md, "The terminal"). Plain text off a terminal (CI logs, pipes) or with
+NO_COLOR set; the statuses in colour on one.
 
 Printed to stdout, each line whole, so the answer is what a pipe or a log keeps; progress
 and notices stay on stderr.

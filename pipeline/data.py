@@ -4,7 +4,7 @@ images, through the notebook's transform (Resize + ToTensor, no normalisation).
 ``build`` batches them one of two ways (``data_path``), with the same order and the same
 pixels: ``dataloader`` (CPU workers run PIL per image: the notebook's way, the reference)
 or ``device`` (``device_data``: decoded once on the training device, resized there with
-PIL's exact arithmetic). Docs: getting-started/data.md, internals/data.md.
+PIL's exact arithmetic). Docs: getting-started/data.md, internals/data-path.md.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The device data path: a split decoded once into uint8 on the training device, every batch
 one gather there, resized with PIL's exact arithmetic (``resize``) when needed (docs:
-internals/data.md). A split prepared in one run of an `all` or `sweep` serves the next
+internals/data-path.md). A split prepared in one run of an `all` or `sweep` serves the next
 (``keep_prepared``).
 """
 from __future__ import annotations

@@ -1,25 +1,13 @@
 """Data-parallel training: torchrun starts the ranks, DistributedDataParallel averages the
-weight gradients, and ``Comm`` is everything else the training loop needs from the group.
+weight gradients, and ``Comm`` is everything else the training loop needs from the group
+(docs: operations/distributed.md).
 
-The experiment's maths does not depend on the number of processes: ``batch_size`` is the
-global batch, every rank trains on its own equal shard of each global batch (the same
-seeded order as one process), DDP averages the weight gradients, and the probes reduce
-their squared norms so that the logged norm is the global batch's (``Comm.reduce_probes``).
-
-Who does what:
-
-* The launcher (``launch``, the process ``mlflow run`` or the shell started) checks the
-  input, then runs torchrun's own entry point (``torch.distributed.run``, i.e. ``torchrun
-  --standalone --nproc_per_node N``) on ``python -m pipeline train`` with the same
-  parameters, and waits. It talks to MLflow only when a rank fails: the run ends FAILED,
-  its ``error`` tag naming the first rank that failed and why.
-* Rank 0 does everything a single process does: MLflow, the console, checkpoints.
-* Other ranks train and evaluate their shards silently; they never touch MLflow, even
-  though under ``mlflow run`` they inherit ``MLFLOW_RUN_ID``.
-
-The launcher and the ranks share a folder (``PIPELINE_DDP_DIR``): rank 0 writes the run's
-ID there, and a rank that fails writes ``rank-<r>.json`` (its reason and the time), so the
-launcher can tell the cause from its consequences (the peers that lost a connection).
+The maths does not depend on the number of processes: ``batch_size`` is the global batch,
+each rank trains on its own share of it, and the probes' squared norms are reduced so the
+logged norm is the global batch's (``reduce_probe_row``). The launcher (``launch``) checks the
+input, runs torchrun on ``python -m pipeline train`` and waits; rank 0 alone talks to MLflow;
+a failing rank writes its reason into the shared ``PIPELINE_DDP_DIR``, so the launcher can
+tell the cause from its consequences.
 """
 from __future__ import annotations
 

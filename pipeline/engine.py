@@ -1,9 +1,10 @@
-"""The training step: forward, loss, backward, probes, optimizer; eager or one CUDA graph.
+"""The training step: forward, loss, backward, probes, optimizer; eager or one CUDA graph
+(docs: internals/fast-path.md).
 
 Both kinds run the same Python body (``_body``), so they compute the same maths: the graph
 is that body captured once and replayed every batch. At batch 16 the step is bound by the
-host (Python, ~300 kernel launches), not the GPU: on an H200 the notebook's loop takes 30 ms
-per step and the captured one 6.6 ms (shared/reference/measurements.md).
+host (Python, ~300 kernel launches), not the GPU: on an H200 the notebook's loop took 30 ms
+per step and the captured one 6.6 ms. ``steps`` is the generator the training loop drives.
 
 Nothing in a step reads a device value on the host: the loss, the probes' norms and the
 accuracy counters stay on the device until the probes' chunked readback.

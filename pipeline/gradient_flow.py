@@ -1,27 +1,11 @@
-"""Every probed layer at every step: the dense record, its diagnosis, and the metric split.
+"""Every probed layer at every step: the dense record, the metric split, and the watches on it
+(docs: guide/run-logs.md).
 
-The probes measure every layer in ``layers`` at every step. What leaves the run:
-
-* ``gradients/norms.npz`` (``names.NORMS_NPZ``), written at the end from the chunks the
-  probes read back, with the schema below. On a resumed run it covers the steps trained
-  since the resume only (``steps[0]`` = the ``resume.from_step`` tag): the steps before it
-  were read back by another process, and the metrics keep only some layers of them.
-* ``grad_norm/<layer>`` metrics: the *every-step* layers at every step, the others (with
-  ``layers=all``) every ``metric_every`` steps. The writer is given a reduced chunk
-  (``MetricColumns``) with the every-step columns; the thinned points are collected in the
-  writer thread and sent by the training thread (``Collector.pending``), so the training
-  loop never waits for the device.
-* ``gradient.*`` and ``loss.at_chance`` tags (``diagnose``), and the console warning when the
-  network dies.
-
-Schema of ``gradients/norms.npz`` (``numpy.load``; no pickles)::
-
-    steps   int64   [S]     global step (batch index from 0) of each row
-    layers  str     [L]     probed module names, in forward (call) order
-    norms   float64 [S, L]  L2 norm of dLoss/d(layer output) at that step (probe=output|both)
-    loss    float64 [S]     the training loss of that step
-    weight_norms float64 [S, L]  L2 norm of dLoss/d(the layer's own parameters: weight and
-                            bias) at that step (probe=weight|both)
+``Collector`` keeps every chunk the probes read back, for ``gradients/norms.npz`` (its schema:
+guide/run-logs.md); gives the metric writer the every-step layers with their log10 twins and
+the loss (``MetricColumns``), and collects the thinned layers' points (``layers=all``) for the
+training thread to send, so the loop never waits for the device; and warns once when the
+network dies. ``NonFiniteWatch`` counts NaN/Inf values as they reach the host.
 """
 from __future__ import annotations
 
@@ -159,7 +143,7 @@ class Collector:
         return out
 
     def dense(self) -> dict[str, np.ndarray]:
-        """The npz arrays (schema in the module docstring), rows in step order."""
+        """The npz arrays (schema: docs guide/run-logs.md), rows in step order."""
         rows = sorted(self.chunks, key=lambda c: c[0])
         L = len(self.layers)
         if rows:

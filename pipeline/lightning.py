@@ -1,23 +1,12 @@
-"""``GradientFlow``: the Lightning callback that runs ``pipeline.watch`` inside a Trainer.
-
-    from lightning.pytorch.loggers import MLFlowLogger
-    from pipeline.lightning import GradientFlow
+"""``GradientFlow``: the Lightning callback that runs ``pipeline.watch`` inside a Trainer
+(docs: guide/watch.md, "Lightning"; needs the ``lightning`` extra).
 
     trainer = Trainer(logger=MLFlowLogger(...), callbacks=[GradientFlow(layers="auto")])
 
-Needs the optional extra: ``pip install "gradient-flow[lightning]"``. It logs into the run of
-the Trainer's ``MLFlowLogger`` (or, without one, the active MLflow run) what
-``pipeline.watch`` logs: ``grad_norm/<layer>`` (float64, no host sync), ``train/loss``, and
-at the end of training ``gradients/norms.npz``, the plots and the diagnosis tags. Steps count
-optimizer steps, as ``trainer.global_step`` does.
-
-When it measures: in ``on_before_optimizer_step``, which Lightning calls after the backward
-passes of the step (all ``accumulate_grad_batches`` of them) and before the update. With a
-``GradScaler`` (``precision="16-mixed"`` on a GPU) it measures at the optimizer's own step
-instead, which the scaler calls only when the gradients are finite, so a skipped step has no
-row, as with ``pipeline.watch``. The loss comes from ``on_before_backward``: Lightning hands it
-divided by ``accumulate_grad_batches`` (and scaled, under a scaler); both are undone, so the
-row holds the mean micro-batch loss. One optimizer (the first) is measured.
+It logs into the ``MLFlowLogger``'s run (or the active run) what the watch logs. It measures
+in ``on_before_optimizer_step``, after all of a step's backward passes (at the optimizer's own
+step under a GradScaler), and takes the loss from ``on_before_backward``, undoing Lightning's
+division by ``accumulate_grad_batches`` and the scale. One optimizer (the first) is measured.
 """
 from __future__ import annotations
 

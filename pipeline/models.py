@@ -1,18 +1,11 @@
-"""The founding notebook's networks, and their relatives, in torch only.
+"""The founding notebook's networks, and their relatives, in torch only (docs:
+guide/parameters.md, "More on some parameters").
 
-ResNet-50 without BatchNorm, with the notebook's module names, parameter shapes and forward
-maths, so a state_dict saved from the notebook's ``CustomResNet50`` loads with strict=True.
-Skip connections are a constructor switch: with ``skip=False`` each block is a plain stack
-of convs, which is the network whose early gradients vanish.
-
-The relatives, for seeing how depth, block type and normalisation change gradient flow:
-ResNet-18/34 (``BasicBlock``), ResNet-101/152 (``Bottleneck``) and VGG-19, all without
-BatchNorm by default. ``batch_norm=True`` adds ``nn.BatchNorm2d`` after every conv with
-torchvision's names (``bn1``, ``downsample.0``/``downsample.1``, VGG's conv-BN-ReLU);
-``batch_norm=False`` adds no module at all, so resnet50 stays the notebook's network. The
-stem keeps the notebook's maths in both cases: no ReLU between ``conv1`` and the max-pool,
-so BatchNorm is the only thing the switch changes. VGG has no skip connections: asking for
-them is refused (``config.ConfigError`` naming ``skip``).
+ResNet-50 without BatchNorm with the notebook's module names, shapes and maths (its
+``CustomResNet50`` state_dict loads with strict=True); ``skip=False`` makes each block a plain
+stack of convs, the network whose early gradients vanish. The relatives (ResNet-18/34/101/152,
+VGG-19) show how depth, block type and normalisation change gradient flow. Table-driven:
+one row of ``VARIANTS`` per model (family, block, stages, depth), as in timm.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Metric keys, tags and artifact paths: a public API, built here and nowhere else.
 
-Users query these names (README, "Metric names and artifact paths"), and the compare step
-reads them back, so changing one is a breaking change.
+Users query these names (docs: reference/metrics.md, tags.md and artifacts.md, generated
+from this file), and the compare step reads them back, so changing one is a breaking change.
 """
 
 GRAD_NORM_PREFIX = "grad_norm/"
@@ -116,10 +116,10 @@ METRIC_PREFIX = {OUTPUT: GRAD_NORM_PREFIX, WEIGHT: WEIGHT_GRAD_NORM_PREFIX}
 METRIC_KEY = {OUTPUT: grad_norm, WEIGHT: weight_grad_norm}
 NPZ_ARRAY = {OUTPUT: "norms", WEIGHT: "weight_norms"}
 
-# Tracking outages (pipeline/tracking.py).
+# Tracking outages (pipeline/tracking/).
 OUTAGE_TAG = "tracking.outage"                 # how many writes waited for the server, since when
 
-# Every probed layer at every step (pipeline/gradient_flow.py has the schema):
+# Every probed layer at every step (docs: guide/run-logs.md has the schema):
 # steps int64 [S], layers str [L] (forward order), norms float64 [S, L], loss float64 [S].
 NORMS_NPZ = "gradients/norms.npz"
 GRADIENT_FLOW_PLOT = "plots/gradient_flow.png"  # heatmap: log10(norm), layer (depth) x step
@@ -143,7 +143,7 @@ COMPARE_LAYERS_TAG = "compare.layers"            # the compared layers ("a vs b"
 QUANTITY_TAG = "compare.quantity"               # what was compared: output | weight | both
 DIFFERING_PARAMS_TAG = "compare.differing_params"  # training params the two runs differ in, or "none"
 
-# The diagnosis of the dense record, at the end of a run (README, "What a training run logs").
+# The diagnosis of the dense record, at the end of a run (docs: guide/run-logs.md).
 HEALTH_TAG = "gradient.health"                          # healthy | vanishing | exploding | dead
 FIRST_VANISHING_TAG = "gradient.first_vanishing_layer"  # from the head down; "none"
 FIRST_TO_LAST_TAG = "gradient.first_to_last_ratio"      # median first-layer / last-layer norm

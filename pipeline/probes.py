@@ -1,49 +1,15 @@
-"""Gradient probes: the L2 norm of dLoss/d(output) of chosen modules, every training step.
+"""Gradient probes: the L2 norm of dLoss/d(output) of chosen modules, every training step
+(docs: internals/probes.md).
 
-What is measured is the founding notebook's ``grad_output[0].norm()``: the gradient of the
-loss with respect to the module's output. Two things differ, both on purpose:
-
-* Accuracy. Early-layer gradients of the no-skip network are ~1e-21; their squares (~1e-42)
-  are below float32's smallest subnormal, so a float32 norm reads 0.0 or is off by a factor
-  of several (shared/reference/measurements.md). We reduce in float64: ``_foreach_norm(gs,
-  dtype=float64)`` casts inside the reduction, so entries down to ~1e-150 are exact enough.
-* No host sync. The notebook's hook calls ``.item()``, a CPU-GPU sync per layer per step.
-  Here each hook only keeps a reference to its gradient; at the step's named moment
-  (``record``) one grouped ``torch._foreach_norm(dtype=float64)`` reduces all of them (and,
-  with ``weights``, the parameters' gradients) at once, ``index_add_`` sums their squares
-  into ``cur``, a float64 vector on the device, the loss joins it, and it is copied into the
-  row of a device buffer that a device-side counter points at. Every device op is
-  capturable, so the whole step, probes included, can be one CUDA graph (``engine``). The
-  host copies the buffer out every ``flush_every`` steps with one non-blocking copy into
-  pinned memory, and a background thread waits for it (``Chunk.values``), never the
-  training loop.
-* Few kernels. At batch 16 a step is ~300 small kernels (measurements.md: the step is
-  bound by launches, not arithmetic), and inside a CUDA graph each still costs a few
-  microseconds whatever its size, so the probes' cost is mostly their kernel count. A norm
-  per hook took 4 ops per layer (norm, square, add, write-back) and 4 more for the row: 24
-  for the five default layers, beside ~207 ops of forward and backward. The grouped
-  reduction takes 8 whatever the number of layers up to ``GROUP`` (counted with a dispatch
-  mode: ``tests/test_probes.py``); under bf16, float32 weight gradients beside bf16 output
-  gradients need a second grouped call. A kept gradient costs memory until the group is
-  reduced, so at most ``GROUP`` are kept; with ``layers=all`` a group is reduced as soon as
-  it fills, during backward.
-
-Apple's MPS has no float64. There the probes fall back to float32 with scale-by-max
-(``max|g| * ||g / max|g|||``, whose squares cannot underflow), and combine a module's
-several calls with ``hypot``; accurate to float32's ~1e-7 relative (tests/test_probes.py).
-
-Squared norms are summed per row, so a module called several times in one forward (a shared
-ReLU, say) reports the norm over all its outputs together; the square root is taken on the
-host at readback.
-
-Weight gradients (``weights=True``, ``probe=weight|both``): at the same named moment, after
-backward (and after DDP has averaged them) and before the optimizer step, the probed
-modules' own parameters' gradients (weight and bias) join the same grouped float64
-reduction, which gives each module's weight-gradient norm; no extra kernels (but for one
-more grouped call under bf16, whose output gradients are bf16), no host sync.
-
-Columns of a row: the output-gradient norms (one per layer, when ``outputs``), the loss,
-then the weight-gradient norms (one per layer, when ``weights``).
+The founding notebook's ``grad_output[0].norm()``, with three differences, all on purpose:
+the norm is reduced in float64 (the no-skip network's ~1e-21 gradients have squares below
+float32's smallest subnormal, so a float32 norm reads 0.0); one grouped
+``torch._foreach_norm(dtype=float64)`` per step takes every layer at once (a GPU step at
+batch 16 is bound by its kernel count); and the host never waits for it: the squared norms
+and the loss go into a row of a device buffer, every op capturable in a CUDA graph, copied
+out every ``flush_every`` steps and waited for by a background thread (``Chunk.values``).
+With ``weights`` the layers' own weight-gradient norms join the same reduction. On MPS (no
+float64) the fallback is float32 with scale-by-max.
 """
 from __future__ import annotations
 

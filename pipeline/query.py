@@ -122,7 +122,8 @@ def find_runs(experiment: str | None = None, status: str | None = None,
                 close = difflib.get_close_matches(key, [*_FIELDS, names.WORLD_SIZE_PARAM], n=1)
                 raise QueryError(f"{key}: not a parameter of a training run"
                                  + (f"; did you mean {close[0]}?" if close else "")
-                                 + " (allowed: the params README lists, and world_size)")
+                                 + " (allowed: the parameters in docs/guide/parameters.md,"
+                                   " and world_size)")
             return runs.iloc[0:0]
         # Each distinct string parsed once: runs repeat the same few values.
         matches = {raw: param_value(key, raw) == want for raw in runs[column].dropna().unique()}
@@ -242,7 +243,7 @@ def metric_histories(run_id: str) -> dict[str, list[tuple[int, float]]]:
 
 
 def dense_norms(run_id: str) -> dict[str, np.ndarray] | None:
-    """A run's ``gradients/norms.npz`` (schema in ``pipeline/gradient_flow.py``): ``steps``,
+    """A run's ``gradients/norms.npz`` (schema: docs guide/run-logs.md): ``steps``,
     ``layers``, ``loss`` and ``norms`` and/or ``weight_norms`` (by the run's ``probe``) as
     numpy arrays; None when the run has no such artifact
     (runs from before the dense record, or not training runs).

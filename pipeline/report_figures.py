@@ -1,15 +1,11 @@
-"""The report's Bokeh figures, and the downsampling that keeps report.html small.
+"""The report's Bokeh figures, and the downsampling that keeps report.html small (docs:
+guide/run-logs.md, "report.html").
 
 Each figure function takes plain numpy data and returns a Bokeh figure with hover readouts;
-``report_html`` lays them out. Log axes cannot show 0, NaN or Inf, so every figure draws them
-as marks: exact zeros (▼) at a floor, the power of ten at least one decade below the figure's
-smallest positive value, NaN/Inf (×) at a ceiling at least one decade above its largest;
-hover says how many.
-
-Downsampling (``bucket``): a series of S steps is cut into at most ``MAX_POINTS`` buckets of
-consecutive steps; each is drawn as the median of its positive finite values, with a min-max
-band, and its counts of zeros and NaN/Inf. A full default run (31,250 steps) becomes
-32-step buckets: its page holds ~0.3 MB of data, not the 6.7 MB that every point took.
+``report_html`` lays them out. Log axes cannot show 0, NaN or Inf, so exact zeros are drawn
+as marks at a floor and NaN/Inf at a ceiling, with counts on hover. ``bucket`` cuts a series
+into at most ``MAX_POINTS`` buckets of consecutive steps, each drawn as its median with a
+min-max band; the exact values stay in the metrics and ``norms.npz``.
 """
 from __future__ import annotations
 

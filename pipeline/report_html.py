@@ -1,20 +1,12 @@
 """report.html: one self-contained page (the answer, log-axis figures with hover, tables)
-from plain data.
+from plain data (docs: guide/run-logs.md, "report.html").
 
-Three entry points, ``training_report``, ``compare_report`` and ``sweep_report``, take what a
-run already holds (numpy arrays, tag dicts, table rows) and return the page as a string.
-Nothing here reads or writes MLflow: the caller logs the string as ``names.REPORT_HTML``.
-The page must render inside MLflow's artifact viewer, a sandboxed iframe with no network and
-no sibling artifacts (mlflow#2139), so scripts, styles and data are all inline.
-
-Why Bokeh (measured on one page of 5 log-axis lines x 2,000 points with hover): its inline
-JS is 1.27 MB (Vega-Lite with Vega and vega-embed: 0.90 MB; Plotly: 4.8 MB), and it sends
-numpy arrays as base64 binary, so the same data added 0.13 MB where Vega-Lite's JSON rows
-added 0.66 MB (page totals: Bokeh 1.40 MB, Vega-Lite 1.56 MB, Plotly 4.97 MB). Its JS ships
-inside the pure-Python wheel; Vega-Lite's inline bundle comes from vl-convert (an 84 MB
-native wheel, 8 s of CPU per process to bundle). It draws on a 2D canvas: no WebGL.
-
-What the figures show and how they are downsampled: ``report_figures``.
+``training_report``, ``compare_report`` and ``sweep_report`` take what a run already holds
+(numpy arrays, tags, table rows) and return the page as a string; the caller logs it as
+``names.REPORT_HTML``. MLflow's artifact viewer shows HTML in a sandboxed iframe with no
+network and no sibling artifacts (mlflow#2139), so scripts, styles and data are all inline.
+Bokeh, because its inline JS and base64 arrays made the smallest such page of the libraries
+measured (the docs page has the figures).
 """
 from __future__ import annotations
 
@@ -117,12 +109,12 @@ def training_report(record: Mapping[str, np.ndarray], tags: Mapping[str, str], *
                     statuses: Mapping[str, str] | None = None) -> str:
     """The page of one training run.
 
-    ``record``: the dense record, norms.npz's arrays (``gradient_flow`` has the schema):
+    ``record``: the dense record, norms.npz's arrays (schema: docs guide/run-logs.md):
     steps [S], layers [L] in forward order, loss [S], norms [S, L] and/or weight_norms [S, L].
-    ``tags``: ``gradient_flow.diagnose``'s tags (``{"gradient.health": "unknown"}`` without
+    ``tags``: ``health.diagnose``'s tags (``{"gradient.health": "unknown"}`` without
     output norms). ``params``: the run's params, shown in a folded table. ``every_step``: the
     layers logged as metrics every step (the ``layers.every_step`` tag), drawn over time; the
-    heatmap and depth profile draw every layer. ``statuses``: {layer: status} by compare.py's
+    heatmap and depth profile draw every layer. ``statuses``: {layer: status} by ``health``'s
     rule (the per-layer statuses ``diagnose`` derives), a table column when given.
     """
     statuses = dict(statuses or {})

@@ -1,4 +1,4 @@
-"""PIL's bilinear resize, bit for bit, on any device (docs: internals/data.md).
+"""PIL's bilinear resize, bit for bit, on any device (docs: internals/data-path.md).
 
 torchvision's ``Resize`` runs PIL's fixed-point bilinear arithmetic on the host, one image at
 a time; ``pil_resize`` does the same arithmetic on a batch of uint8 images where they live

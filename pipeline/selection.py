@@ -1,30 +1,11 @@
-"""Which modules of any network to probe: ``auto``, ``all``, names, globs and regexes.
+"""Which modules of any network to probe: ``auto``, ``all``, names, globs and ``re:`` regexes
+(docs: guide/watch.md, the ``layers`` argument).
 
-``pipeline.watch`` takes ``layers`` as one string or a list of them; each entry is
-
-* ``"auto"``: the conv and linear layers (any ``nn.Conv*d``, ``nn.ConvTranspose*d``,
-  ``nn.Linear``) that the forward pass calls, taken in call order, and of those the first,
-  the last and the three at the quartiles: positions 0, 1/4, 1/2, 3/4 and 1 of the way
-  through the list, rounded half up (fewer than five when the network has fewer);
-* ``"all"``: every conv and linear layer the forward pass calls;
-* ``"re:<regex>"``: the modules whose full dotted name matches the regex (``re.fullmatch``),
-  e.g. ``"re:blocks\\.\\d+\\.fc"``;
-* a name with ``*``, ``?`` or ``[`` in it: a glob over full dotted names (``fnmatch``, case
-  sensitive; ``*`` also crosses dots), e.g. ``"layer*.0.conv1"``;
-* anything else: one module's name, as ``model.named_modules()`` gives it.
-
-Entries are combined and probed in call order (depth order for the plots). A name that is
-not a module, or a pattern that matches none, is refused when the watch attaches, naming the
-nearest modules; a name the forward pass never calls is refused once the call order is
-known. Patterns keep only the matched modules that run.
-
-The call order is recorded from the loop's own forward passes up to the first optimizer step
-(``watch_probes.FirstStep``). A ``torch.compile``d model cannot carry those recording hooks,
-so there it comes from a dry run before its first call (``call_order``): the model on the
-meta device (shapes only, nothing computed, no copy of the weights) with that call's inputs,
-in eval mode. A model the meta device cannot run (data-dependent Python control flow, say)
-falls back to definition order, with a warning, and its names cannot be checked for being
-called.
+``auto`` takes, of the conv and linear layers the forward pass calls, the first, the last and
+the three at the quartiles, so it works for any model. Entries are probed in call order, which
+is recorded from the loop's own forward passes up to the first optimizer step; a compiled
+model cannot carry those hooks, so there a dry run on the meta device gives it
+(``call_order``). A name or pattern that matches no module is refused naming the nearest ones.
 """
 from __future__ import annotations
 

@@ -1,29 +1,13 @@
 """GradientProbes as ``pipeline.watch`` drives them: unscaled under a GradScaler, a step's
-measurements discarded when the scaler skips it, and an identity-op capture for
-``torch.compile``.
+measurements dropped when the scaler skips it, and an identity-op capture for
+``torch.compile`` (docs: guide/watch.md, "torch.compile").
 
-Two ways to capture dLoss/d(output), both feeding the same float64 row, buffer and chunked
-readback as training's probes (``probes.GradientProbes``):
-
-* ``hook`` (eager models): training's own probes, unchanged. A forward hook registers a
-  tensor hook on the output; the grouped ``_foreach_norm(dtype=float64)`` reduces the kept
-  gradients at the step.
-* ``identity`` (``torch.compile``d models): a tensor hook with a Python side effect (keeping
-  the gradient in a list) cannot be traced, so dynamo breaks the graph at every probed layer
-  (and ``fullgraph=True`` refuses it). Here the forward hook instead wraps the output in
-  ``SquaredNorm``, an identity whose backward passes the gradient through unchanged and
-  returns ||g||^2 (float64, cast inside the reduction) as the gradient of a dummy leaf, one
-  per layer. Autograd accumulates a leaf's ``.grad`` by itself, so a module called several
-  times, and several micro-batches, add up as the hook path's sums do, and the whole thing
-  is functional: no graph breaks, and inductor fuses the norm into the backward. The leaves
-  are read into the row at the step and zeroed in place.
-
-Under ``torch.amp.GradScaler`` the output gradients autograd computes are those of the
-scaled loss; ``record`` divides their squared norms by scale^2 on the device (no sync; the
-scale is a power of two, so the division is exact). Weight gradients are unscaled already
-when ``GradScaler.step`` has called ``unscale_`` before the optimizer step; an optimizer that
-unscales inside its own step (fused Adam: ``GradScaler.step`` sets ``optimizer.grad_scale``)
-gets them divided here too (``weights_scale``).
+``hook`` (eager models) is training's own probes. ``identity`` (compiled models) avoids the
+graph break a tensor hook's Python side effect causes: the output is wrapped in
+``SquaredNorm``, an identity whose backward returns ||g||^2 (float64) as the gradient of a
+dummy leaf per layer, which autograd accumulates by itself and the step reads into the row.
+Under a GradScaler the squared norms are divided by scale^2 on the device (exact: a power of
+two), with no sync.
 """
 from __future__ import annotations
 

@@ -1,39 +1,15 @@
-"""``pipeline.watch``: the float64 gradient probes on your own network and training loop.
+"""``pipeline.watch``: the float64 gradient probes on your own network and training loop
+(docs: guide/watch.md, which has the rules).
 
     with mlflow.start_run(), pipeline.watch(model, optimizer, layers="auto"):
         for x, y in loader:            # the loop does not change
             ...
 
-What is measured, and when (README, "Your own network: pipeline.watch", has the rules):
-
-* At each optimizer step, through ``optimizer.register_step_pre_hook``: after backward (and
-  DDP's averaging), before the update. Without an optimizer, call ``.step()`` yourself at
-  that moment. One row per optimizer step; the step index counts the steps measured, from 0.
-* ``grad_norm/<layer>``: the L2 norm of dLoss/d(layer output), in float64, as training's
-  probes measure it (``probes.GradientProbes``; no host sync, chunked readback).
-  ``weight_grad_norm/<layer>`` (probe=weight|both): of the layer's own weight and bias.
-* Gradient accumulation: a row holds sqrt(sum over the step's micro-batches of ||g_m||^2),
-  where g_m is dLoss_m/d(output) of micro-batch m as backward computed it (with the loss
-  divided by the number of micro-batches, as usual, this is exactly the norm one big batch
-  would give: its output is the micro-batches' outputs side by side). Weight norms are of
-  the accumulated ``.grad`` the optimizer steps with.
-* ``torch.amp.GradScaler`` (pass it as ``scaler=``): norms of the unscaled gradient, i.e. the
-  scaled gradient autograd computed divided by the scale in force during backward, on the
-  device; a step the scaler skips (inf/NaN found, so ``optimizer.step`` is not called) gets
-  no row, and its gradients are dropped; ``watch.skipped_steps`` counts them. An optimizer
-  that takes the scaler's scale and inf flag itself (fused Adam) skips on the device inside
-  its step: that step keeps its row (non-finite norms), counted on the device.
-* ``train/loss``: only if you hand the loss over with ``.loss(loss)`` before the optimizer
-  step (a device tensor; no sync): the optimizer step sees parameters and gradients, never
-  the loss. The row holds the mean of the losses given since the last step.
-* DDP (the model, or the DDP wrapper, with a process group initialised): every rank
-  measures, the squared norms are summed over the ranks as training's are
-  (``distributed.reduce_probe_row``: global-batch norms), and rank 0 alone logs.
-* At the end (the block exits, or ``.close()``): ``gradients/norms.npz``, the plots, the
-  ``gradient.*`` tags (``report.log_gradient_flow``) and ``watch.*`` tags.
-
-The module is ``watcher`` rather than ``watch`` because ``pipeline.watch`` is the function:
-a submodule of that name would replace it as an attribute of the package once imported.
+It measures at each optimizer step (a step pre-hook: after backward, before the update), one
+row per step, built from training's own parts: ``probes.GradientProbes``, the metric writer,
+``report``'s artifacts. Gradient accumulation, a GradScaler (unscaled norms), DDP (global-batch
+norms, rank 0 logs) and ``torch.compile`` (``watch_probes``) are handled here. The module is
+``watcher`` because ``pipeline.watch`` is the function, which a submodule would shadow.
 """
 from __future__ import annotations
 

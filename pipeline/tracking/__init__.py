@@ -1,4 +1,4 @@
-"""The only code that writes to MLflow (docs: guide/tracking.md, operations/outages.md).
+"""The only code that writes to MLflow (docs: internals/spool.md, operations/outages.md).
 
 The tracking URI is MLflow's own: ``MLFLOW_TRACKING_URI`` if set, else MLflow's default local
 store (``sqlite:///mlflow.db``, artifacts under ``./mlruns``).
