@@ -1,8 +1,8 @@
 """Model fidelity: build_model("resnet50", ...) is the founding notebook's network.
 
-The notebook's classes are transcribed below, as written in shared/seed (only renamed, and
-``.cuda()`` left out), so the checks compare against an independent implementation rather
-than against the pipeline's own code.
+The notebook's classes are transcribed below, as the founding notebook wrote them (only
+renamed, and ``.cuda()`` left out), so the checks compare against an independent
+implementation rather than against the pipeline's own code.
 """
 from __future__ import annotations
 

@@ -74,7 +74,7 @@ def test_probe_norm_of_a_1e30_gradient_is_accurate_to_1e6_relative():
 
 
 def test_float32_norm_underflows_on_a_1e30_gradient_which_is_why_probes_use_float64():
-    # Documents the failure the probes avoid (shared/reference/measurements.md): the squares
+    # Documents the failure the probes avoid (docs: internals/probes.md): the squares
     # underflow, so the float32 norm is 0 or far off, while the float64 reduction is exact.
     c = tiny_gradient()
     expected = exact_norm(c)
@@ -216,7 +216,7 @@ def ops_per_step(model: nn.Module, layers, weights: bool, probed: bool) -> int:
 
 @pytest.mark.parametrize("weights", [False, True])
 def test_probes_add_eight_ops_to_a_step_whether_they_watch_five_layers_or_sixteen(weights):
-    # At batch 16 a CUDA graph's step costs about its kernel count (measurements.md), so a
+    # At batch 16 a CUDA graph's step costs about its kernel count (docs: Internals), so a
     # per-layer op count is a per-layer cost; the reduction is grouped to keep it flat. With
     # probe=weight a biased layer (the default five end with fc) adds its weight's and its
     # bias's squares into one column: a second round of index_add_, so that the order of the
