@@ -206,8 +206,10 @@ def test_search_finds_a_word_of_the_internals_offline(watched, server):
     box = page.locator("input.md-search__input")  # in the header at this width
     box.click()
     box.press_sequentially("subnormal", delay=20)  # Material searches on key events
-    result = page.locator(".md-search-result__item a").first
-    result.wait_for(state="visible")
-    assert "internals/probes.html" in result.get_attribute("href")
+    results = page.locator(".md-search-result__item a")
+    results.first.wait_for(state="visible")
+    # Among the hits, not necessarily first: other pages (Findings) use the word too.
+    hrefs = results.evaluate_all("links => links.map(a => a.getAttribute('href'))")
+    assert any("internals/probes.html" in h for h in hrefs), hrefs
     screenshot(page, "search.png")
     assert not watched.errors and not watched.foreign, (watched.errors, watched.foreign)
