@@ -3,6 +3,10 @@
 Every test that touches MLflow gets its own sqlite store in a temporary directory, and
 runs with that directory as its working directory, so MLflow's default artifact root
 (``./mlruns``) lands there too and nothing is written into the repository.
+
+``require(part, reason)`` is the one policy for a real part a test needs that is missing
+(Chromium, PostgreSQL's binaries, playwright): it skips with a printed reason on a
+developer's machine and fails under ``CI=true``, so CI never goes green by skipping.
 """
 from __future__ import annotations
 
@@ -10,12 +14,35 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pytest
 
 # One home for the paths and the store type, shared with the compare/query/UI helpers.
 from runs_helpers import REPO_ROOT, RUN_VARS, VENV_BIN, Store
+
+
+# --- real parts a test needs ----------------------------------------------------------------
+def under_ci() -> bool:
+    """``CI=true`` (or 1/yes), as CI services and ``.ci/run`` set it."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def require(part: str, reason: str) -> NoReturn:
+    """Call where a real part the test needs (``part``: "chromium", "playwright",
+    "postgresql", ...) is missing; ``reason`` says why and how to install it.
+
+    Under ``CI=true`` the test fails with that one line: a CI that skipped it would be green
+    without having checked anything. Elsewhere it skips, and the reason is printed (and
+    listed by ``-ra``). A part that is there but does not start is a failure everywhere:
+    call ``pytest.fail`` for that, not this.
+    """
+    line = f"{part} is needed and missing: {reason}"
+    if under_ci():
+        pytest.fail(f"CI=true: {line}", pytrace=False)
+    print(f"SKIPPED: {line}", file=sys.stderr)
+    pytest.skip(line)
 
 
 def _store_in(directory: Path) -> Store:
