@@ -45,6 +45,20 @@ def require(part: str, reason: str) -> NoReturn:
     pytest.skip(line)
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A ``gpu`` test skips on a machine without CUDA, saying where it runs; under
+    ``GPU_CHECK=1`` (bench/gpu_check.sh, on a GPU machine) a missing GPU fails it instead."""
+    if item.get_closest_marker("gpu") is None:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    if os.environ.get("GPU_CHECK") == "1":
+        pytest.fail("GPU_CHECK=1, but torch sees no CUDA device", pytrace=False)
+    pytest.skip("needs a CUDA GPU (bench/gpu_check.sh runs it on one)")
+
+
 def _store_in(directory: Path) -> Store:
     return Store(directory, f"sqlite:///{directory / 'mlflow.db'}")
 

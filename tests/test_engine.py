@@ -10,7 +10,8 @@ The claim under test is "faster, same numbers":
   eager step's exactly (tolerance 0). GPU only.
 * A steady-state step never synchronises the host with the device. GPU only.
 
-GPU tests skip on a machine without CUDA, with that reason. ``GPU_REPORT_DIR``, when set,
+GPU tests (marked ``gpu``) skip on a machine without CUDA, with that reason; ``bench/gpu_check.sh
+tests`` runs every one of them. ``GPU_REPORT_DIR``, when set,
 receives the measured differences as JSON (bench/gpu_check.sh sets it).
 """
 from __future__ import annotations
@@ -40,8 +41,7 @@ from pipeline.train import precision_mode
 from conftest import describe_process, make_image_folder, run_pipeline
 
 CPU = torch.device("cpu")
-CUDA_AVAILABLE = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA_AVAILABLE, reason="needs a CUDA GPU (run bench/gpu_check.sh on one)")
+needs_cuda = pytest.mark.gpu  # skips without CUDA (conftest); bench/gpu_check.sh runs it
 
 
 def cfg_for(**values) -> Config:
