@@ -1,18 +1,17 @@
 """DDP: the global batch's norms from ranks that each see a share of it, the launcher's
-checks and failure reports, and the sharding of batches.
+checks, and the sharding of batches.
 
-The equivalence test runs real ``torch.distributed`` with gloo on the CPU (two spawned
-processes) against one process on the whole batch; the end-to-end runs through torchrun
-and ``mlflow run`` are in tests/test_distributed_runs.py (slow).
+The equivalence and reduction tests run real ``torch.distributed`` with gloo on the CPU
+(two spawned processes), the equivalence against one process on the whole batch; the
+end-to-end runs through torchrun and ``mlflow run``, and real failures of a rank with the
+launcher's report of them, are in tests/test_distributed_runs.py (slow).
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -163,69 +162,3 @@ def test_an_uneven_batch_is_refused_in_one_line_before_any_process_starts(tmp_pa
     # by bench/ddp.py (BENCHMARKS.md), not asserted here.
     assert "torchrun" not in proc.stdout + proc.stderr
     assert not (tmp_path / "mlflow.db").exists()
-
-
-# --- the launcher's report of a failed rank ---------------------------------------------------
-def _report(folder, rank: int, reason: str, when: float, kind: str = "error") -> None:
-    (folder / f"rank-{rank}.json").write_text(json.dumps(
-        {"rank": rank, "kind": kind, "reason": reason, "time": when}))
-
-
-def test_the_first_rank_to_fail_is_named_and_its_run_ends_failed(tracking_store, tmp_path):
-    from mlflow import MlflowClient
-
-    from pipeline import tracking
-
-    client = MlflowClient()
-    run = client.create_run(client.create_experiment("ddp"))
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    (shared / distributed.RUN_ID_FILE).write_text(run.info.run_id)
-    _report(shared, 0, "RuntimeError: Connection closed by peer", when=20.0)
-    _report(shared, 1, "ValueError: a real problem", when=10.0)
-    failure = distributed._failure(shared, {0: 1, 1: 1}, tracking)
-    assert str(failure) == (f"rank 1: ValueError: a real problem; MLflow run {run.info.run_id} "
-                            "ended FAILED")
-    assert failure.exit_code == 1 and not failure.printed
-    ended = client.get_run(run.info.run_id)
-    assert ended.info.status == "FAILED"
-    assert ended.data.tags["error"] == "rank 1: ValueError: a real problem"
-    assert ended.data.tags["ddp.failed_rank"] == "1"
-
-
-def test_a_rank_that_died_without_a_word_is_named_with_its_signal(tracking_store, tmp_path):
-    from mlflow import MlflowClient
-
-    from pipeline import tracking
-
-    client = MlflowClient()
-    run = client.create_run(client.create_experiment("ddp"))
-    (tmp_path / distributed.RUN_ID_FILE).write_text(run.info.run_id)
-    failure = distributed._failure(tmp_path, {1: -9}, tracking)
-    assert str(failure).startswith("rank 1 died (signal 9) without an error message")
-    assert client.get_run(run.info.run_id).info.status == "FAILED"
-
-
-def test_a_users_error_on_rank_0_is_not_printed_twice(tracking_store, tmp_path):
-    from pipeline import tracking
-
-    _report(tmp_path, 0, "data: no images in ./x", when=1.0, kind="user")
-    failure = distributed._failure(tmp_path, {0: 2}, tracking)
-    assert failure.printed and failure.exit_code == 2
-
-
-def test_a_rank_that_only_lost_its_peer_is_not_blamed_for_one_killed_without_a_word(
-        tracking_store, tmp_path):
-    from mlflow import MlflowClient
-
-    from pipeline import tracking
-
-    client = MlflowClient()
-    run = client.create_run(client.create_experiment("ddp"))
-    (tmp_path / distributed.RUN_ID_FILE).write_text(run.info.run_id)
-    (tmp_path / "rank-0.json").write_text(json.dumps(
-        {"rank": 0, "kind": "error", "time": 5.0, "peer": True,
-         "reason": "DistBackendError: Connection closed by peer [127.0.0.1]:4242"}))
-    failure = distributed._failure(tmp_path, {0: 1, 1: -9}, tracking)
-    assert str(failure).startswith("rank 1 died (signal 9) without an error message")
-    assert client.get_run(run.info.run_id).data.tags["ddp.failed_rank"] == "1"

@@ -1,6 +1,8 @@
 """DDP end to end, through torchrun on the CPU (gloo): `mlflow run -P nproc_per_node=2` makes
-one run with every step once and the same numbers as one process; a rank that dies ends the
-run FAILED naming it; SIGTERM stops every rank after the same step and the run resumes.
+one run with every step once and the same numbers as one process; a rank that dies or raises
+(an unreadable image, a real cause) ends the run FAILED naming it, and of two that fail in
+turn the earlier; a user's error on rank 0 is one line; SIGTERM stops every rank after the
+same step and the run resumes.
 """
 from __future__ import annotations
 
@@ -190,3 +192,92 @@ def test_a_nan_that_rank_0_reads_back_stops_every_rank_and_fails_the_run_in_one_
     assert run.info.status == "FAILED"
     assert run.data.tags[names.ERROR_TAG].startswith("rank 0: on_nan=stop")
     assert int(run.data.tags[names.NONFINITE_COUNT_TAG]) > 0
+
+
+# --- real failures of a rank, and the launcher's report of them -------------------------------
+# A cause a user can hit: an unreadable image in an ImageFolder. Which rank reads an image,
+# and when, is known from the README's rules: every rank draws the same seeded epoch order
+# (``EpochOrder``) and trains on its contiguous share of each global batch (``rank_share``);
+# the test split is strided over the ranks (rank r tests images r, r + W, ... of
+# ImageFolder's order: class, then file name).
+def image_folder_launch(store, root, broken: list[str], *args: str) -> subprocess.CompletedProcess:
+    """``train --nproc-per-node 2`` of resnet18, one epoch at batch 4, on a 10-class
+    ImageFolder (2 training and 3 test images per class), with the images ``broken`` (paths
+    under ``root``) overwritten by bytes no decoder reads."""
+    for name in broken:
+        (root / name).write_bytes(b"this is not an image\n")
+    return run_pipeline(store, "train", "--dataset", "imagefolder", "--data-dir", str(root),
+                        "--image-size", "32", "--batch-size", "4", "--epochs", "1",
+                        "--model", "resnet18", "--num-workers", "0", "--device", "cpu",
+                        "--log-model", "false", "--nproc-per-node", "2", *args, timeout=300)
+
+
+def image_folder(root) -> dict[str, list]:
+    from conftest import make_image_folder
+
+    return make_image_folder(root, classes=10, per_class={"train": 2, "test": 3})
+
+
+def unreadable(path) -> str:
+    """What a rank reports for the broken image at ``path``, as PIL says it."""
+    return f"UnidentifiedImageError: cannot identify image file <_io.BufferedReader name='{path}'>"
+
+
+def test_a_rank_that_raises_is_named_with_its_error_and_the_run_ends_failed(tracking_store):
+    from pipeline.data import EpochOrder, rank_share
+
+    # Rank 1's first training image of step 2 (global batch [8, 12), rank 1's share [10, 12)).
+    # Rank 0 meanwhile waits for it in DDP's gradient all_reduce; torchrun then stops it
+    # (or it fails on the lost connection): consequences, not the cause.
+    root = tracking_store.dir / "images"
+    train = image_folder(root)["train"]
+    order = list(EpochOrder(train, seed=0))  # the run's seed (default 0)
+    lo, _ = rank_share(8, 12, 1, 2)
+    victim = train[order[lo]]
+    proc = image_folder_launch(tracking_store, root, [victim.relative_to(root)],
+                               "--flush-every", "1")
+    assert proc.returncode == 1, describe(proc)
+    (run,) = all_runs(MlflowClient())
+    reason = f"rank 1: {unreadable(victim)}"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {reason}; MLflow run {run.info.run_id} ended FAILED"], describe(proc)
+    assert run.info.status == "FAILED"
+    assert run.data.tags[names.ERROR_TAG] == reason
+    assert run.data.tags[names.DDP_FAILED_RANK_TAG] == "1"
+    steps = [s for s, _ in history(MlflowClient(), run.info.run_id, names.TRAIN_LOSS)]
+    assert steps == [0, 1], steps  # it failed at step 2, as chosen
+
+
+def test_of_two_ranks_that_fail_in_turn_the_earlier_one_is_named(tracking_store):
+    # Rank 1 fails on its first test image; rank 0 reads three test batches of its own before
+    # it reaches its broken image (index 28, class_09/img_01: its fourth batch), so it fails
+    # later, with an error of its own, not a lost peer. The earlier failure is the cause,
+    # although rank 0 is the lower rank and its report is written last.
+    root = tracking_store.dir / "images"
+    test = image_folder(root)["test"]  # in ImageFolder's order
+    first, later = test[1], test[28]
+    assert first.parts[-2:] == ("class_00", "img_01.jpg") and later.parts[-2:] == ("class_09", "img_01.jpg")
+    proc = image_folder_launch(tracking_store, root, [first.relative_to(root), later.relative_to(root)])
+    assert proc.returncode == 1, describe(proc)
+    # Both ranks raised their own error (each traceback reaches the launcher's stderr) ...
+    assert unreadable(later) in proc.stderr, describe(proc)
+    # ... and the one line names the first in time.
+    (run,) = all_runs(MlflowClient())
+    reason = f"rank 1: {unreadable(first)}"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {reason}; MLflow run {run.info.run_id} ended FAILED"], describe(proc)
+    assert run.data.tags[names.ERROR_TAG] == reason
+    assert run.data.tags[names.DDP_FAILED_RANK_TAG] == "1"
+
+
+def test_a_users_error_on_rank_0_is_one_line_exit_2_printed_once(tracking_store):
+    # A data folder that is not there: rank 0 prepares the data first (the other ranks wait),
+    # finds it missing and prints the one line itself; the launcher does not print it again.
+    proc = run_pipeline(tracking_store, "train", "--dataset", "imagefolder", "--data-dir",
+                        "nowhere", "--image-size", "32", "--batch-size", "4", "--model",
+                        "resnet18", "--num-workers", "0", "--device", "cpu",
+                        "--nproc-per-node", "2", timeout=300)
+    assert proc.returncode == 2, describe(proc)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: data_dir: "), describe(proc)
+    assert "nowhere/train is not an image folder" in lines[0]
