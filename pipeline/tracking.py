@@ -308,6 +308,7 @@ def check_access() -> None:
     _refuse_file_store(uri)
     if not uri.startswith(("http://", "https://")) or uri in _ACCESS_CHECKED:
         return
+    _check_answers(uri)
     try:
         MlflowClient().search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 - re-raised unless it is one of ours
@@ -316,6 +317,27 @@ def check_access() -> None:
             raise
         raise mine from None
     _ACCESS_CHECKED.add(uri)
+
+
+def _check_answers(uri: str) -> None:
+    """A server that takes the connection and never answers: one line after one try of
+    MLFLOW_HTTP_REQUEST_TIMEOUT (20 s unless set), where MLflow's client would wait 8 tries
+    of 120 s (~20 min). A server that is still starting refuses the connection instead, and
+    MLflow's retries in ``check_access`` wait for it; any answer at all (even an error page)
+    passes, and refused, reset or TLS errors are left to MLflow's client."""
+    import requests
+
+    timeout = float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT")
+                    or FAIL_FAST_ENV["MLFLOW_HTTP_REQUEST_TIMEOUT"])
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except requests.Timeout:
+        raise TrackingError(f"tracking: the tracking server at {public_uri(uri)} took the "
+                            f"connection but did not answer within {timeout:.0f} s "
+                            "(MLFLOW_HTTP_REQUEST_TIMEOUT); check that it is running and not "
+                            "overloaded, or point MLFLOW_TRACKING_URI at a running one") from None
+    except requests.RequestException:
+        pass
 
 
 # --- outages: fail fast, spool, replay ----------------------------------------------------

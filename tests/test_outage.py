@@ -407,6 +407,42 @@ def test_end_of_run_writes_and_the_model_wait_in_the_spool(server, tmp_path, mon
         f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"}
 
 
+def test_a_server_that_takes_the_connection_and_never_answers_stops_train_in_one_line(
+        server, tmp_path):
+    # A hung server: the kernel still completes the TCP handshake on its listening socket,
+    # but the process is stopped and answers nothing. MLflow's client alone would wait 8
+    # tries of 120 s (~20 min); the README promises one line after one try of
+    # MLFLOW_HTTP_REQUEST_TIMEOUT (20 s by default) once the run starts talking to it.
+    server.start()
+    os.killpg(server.proc.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        proc, err = train_process(server, tmp_path / "client", 4, tmp_path / "spool")
+        done = finish(proc, err, timeout=600)
+        took = time.monotonic() - started
+    finally:
+        os.killpg(server.proc.pid, signal.SIGCONT)
+    assert done.returncode == 2, describe_process(done)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, describe_process(done)
+    assert lines[0] == (f"error: tracking: the tracking server at {server.url} took the "
+                        "connection but did not answer within 20 s (MLFLOW_HTTP_REQUEST_TIMEOUT); "
+                        "check that it is running and not overloaded, or point "
+                        "MLFLOW_TRACKING_URI at a running one"), lines[0]
+    # 20 s of waiting after the start-up (imports, the model's check): well under one of
+    # MLflow's own 120 s tries, which is what separates the promise from the old behaviour
+    # without timing a start-up on a busy machine.
+    assert took < 120, f"{took:.0f} s"
+    # Nothing was left behind: the server, answering again, has no run (none RUNNING), and
+    # the training process wrote no spool.
+    server.wait_until_healthy()
+    client = server.client
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.status for r in runs if r.info.status == "RUNNING"] == []
+    assert runs == []
+    assert not (tmp_path / "spool").exists()
+
+
 @pytest.mark.timeout(900)
 def test_five_runs_logging_at_once_into_one_server_lose_no_point(server, tmp_path):
     # Five first runs against a fresh server: they also race to create the `gradient-flow`
