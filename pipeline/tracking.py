@@ -308,6 +308,7 @@ def check_access() -> None:
     _refuse_file_store(uri)
     if not uri.startswith(("http://", "https://")) or uri in _ACCESS_CHECKED:
         return
+    _no_url_with_credentials_on_stdout(uri)
     _check_answers(uri)
     try:
         MlflowClient().search_experiments(max_results=1)
@@ -317,6 +318,14 @@ def check_access() -> None:
             raise
         raise mine from None
     _ACCESS_CHECKED.add(uri)
+
+
+def _no_url_with_credentials_on_stdout(uri: str) -> None:
+    """MLflow prints "View run ... at: <tracking URI>/#/..." when a run ends; with a
+    ``user:password@`` URI that line would carry the password, so it is turned off
+    (MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT, unless set) for this process."""
+    if public_uri(uri) != uri:
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def _check_answers(uri: str) -> None:
@@ -804,6 +813,7 @@ def _sync_one(folder: Path, echo: Callable[[str], None]) -> None:
                 raise TrackingError(f"sync: the run's own process (pid {spool.meta['pid']}) "
                                     f"is still delivering {folder}; wait for it to end")
     uri = os.environ.get("MLFLOW_TRACKING_URI") or spool.meta["tracking_uri"]
+    _no_url_with_credentials_on_stdout(uri)
     client = MlflowClient(tracking_uri=uri)
     points, writes = spool.counts()
     echo(f"sync: run {run_id}: {points} points and {writes} other writes from {folder} "
