@@ -22,7 +22,9 @@ from mlflow import MlflowClient
 
 from pipeline import checkpoint, names
 
-from conftest import describe_process, run_pipeline, subprocess_env, the_error_line
+from conftest import (describe_process, run_mlflow_project, run_pipeline, subprocess_env,
+                      the_error_line)
+from pipeline.config import DEFAULT_EXPERIMENT
 from runs_helpers import RUN_VARS, Store
 from test_outage import MlflowServer
 
@@ -92,11 +94,14 @@ def final_weights(store, run_id: str) -> dict[str, torch.Tensor]:
 
 # --- 1. checkpoints and resume -----------------------------------------------------------
 @pytest.mark.slow
-# With skip=true the resume names only the run: it must rebuild the run's own network, not
-# the launch's default (skip=false), which `mlflow run -P resume=ID` would pass.
-@pytest.mark.parametrize("network", [[], ["--skip", "true"]], ids=["noskip", "skip"])
+# The resume names only the run, through each documented command: `python -m pipeline train
+# --resume ID`, and the README's `mlflow run . -P resume=ID`, which passes every parameter's
+# launch default (skip=false, resnet50, 224 px, cifar10...): with skip=true it must rebuild
+# the run's own network and data, or the numbers would not be the uninterrupted run's.
+@pytest.mark.parametrize("network, command", [([], "python"), (["--skip", "true"], "mlflow run")],
+                         ids=["noskip-python-m-pipeline", "skip-mlflow-run"])
 def test_a_run_killed_mid_epoch_and_resumed_equals_an_uninterrupted_run_bit_for_bit(
-        tracking_store, network):
+        tracking_store, network, command):
     store = tracking_store
     plan = ["--epochs", "2", "--checkpoint-every", "3", "--log-checkpoint", "true", *network]
     proc = run_pipeline(["train", *TINY, *plan], cwd=store.dir, store=store, timeout=300)
@@ -109,13 +114,28 @@ def test_a_run_killed_mid_epoch_and_resumed_equals_an_uninterrupted_run_bit_for_
     victim.wait(timeout=30)
     assert store.client.get_run(run_id).info.status == "RUNNING"  # nobody ended it
 
-    proc = run_pipeline(["train", "--resume", run_id, "--device", "cpu"], cwd=store.dir,
-                        store=store, timeout=300)
+    if command == "python":
+        proc = run_pipeline(["train", "--resume", run_id, "--device", "cpu"], cwd=store.dir,
+                            store=store, timeout=300)
+    else:  # `mlflow run` runs the entry point in the project folder: the checkpoint_dir
+        # the victim used is named, as the printed resume command names a non-default one.
+        proc = run_mlflow_project({"resume": run_id,
+                                   "checkpoint_dir": str(store.dir / "checkpoints")},
+                                  cwd=store.dir, store=store, timeout=300,
+                                  MLFLOW_EXPERIMENT_NAME=DEFAULT_EXPERIMENT)
     assert proc.returncode == 0, describe_process(proc)
     resumed = store.client.get_run(run_id)
     assert resumed.info.status == "FINISHED"
     assert int(resumed.data.tags[names.RESUMED_AT_TAG]) in (6, 9)  # a checkpoint every 3
-    assert len(all_runs(store.client)) == 2  # the same run went on; no new one
+    assert resumed.data.tags[names.VARIANT_TAG] == reference.data.tags[names.VARIANT_TAG]
+    runs = all_runs(store.client)
+    if command == "python":
+        assert len(runs) == 2  # the same run went on; no new one
+    else:  # and the run `mlflow run` opened for the launch says where the training went
+        (launch,) = [r for r in runs if r.info.run_id not in (run_id, reference.info.run_id)]
+        assert launch.data.tags[names.RESUMED_INTO_TAG] == run_id
+        assert launch.data.params["skip"] == "false"  # the launch's default, not the run's
+        assert not [k for k in launch.data.metrics if k.startswith("grad_norm/")]
     for key in EXACT_KEYS:
         got, want = history(store.client, run_id, key), history(store.client, reference.info.run_id, key)
         assert [s for s, _ in got] == [s for s, _ in want], f"{key}: steps missing or repeated"
