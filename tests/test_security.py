@@ -169,8 +169,8 @@ def test_no_credential_reaches_a_param_tag_note_artifact_the_console_or_the_spoo
     cwd.mkdir()
     err = cwd / "train.stderr"
     with open(err, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline", *TRAIN, "--model", "resnet18",
-                                 "--max-steps", "40", "--epochs", "3"], cwd=cwd, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", *TRAIN, "--max-steps", "40",
+                                 "--epochs", "3"], cwd=cwd, env=env,
                                 stdout=subprocess.PIPE, stderr=f, text=True)
     try:
         run_id = wait_for_running_run(srv, proc, err, at_least=4)
