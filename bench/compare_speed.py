@@ -9,6 +9,10 @@ through ``MlflowClient.get_metric_history``, the statistics, both figures and th
 
 Setting up the store takes ~30 s (MLflow's SQLite store ingests ~10k points/s); only the
 compare itself is timed.
+
+It also times the difference heatmap of two full ``layers=all`` runs (``norms.npz`` of
+31,250 steps x 54 layers each, as tests/test_compare_heatmap.py builds them): the matrix,
+the figure and its PNG, which compare draws when both runs have the dense artifact.
 """
 from __future__ import annotations
 
@@ -55,6 +59,26 @@ def build_runs(steps: int, steps_per_epoch: int) -> list[str]:
     return ids
 
 
+def time_heatmap(folder: str, steps: int = 31_250, layers: int = 54) -> float:
+    """Seconds for plots.difference_matrix + difference_heatmap + savefig on a full pair."""
+    from pipeline import plots
+
+    rng = np.random.default_rng(2)
+    names_ = np.array([f"layer{i}" for i in range(layers)], dtype=str)
+    pair = []
+    for low in (-22, -3):
+        norms = 10.0 ** rng.uniform(low, 0, (steps, layers))
+        pair.append({"steps": np.arange(steps, dtype=np.int64), "layers": names_,
+                     "norms": norms, "loss": np.full(steps, 2.3)})
+    pair[1]["norms"][20_000:, 0] = 0.0
+    t = time.perf_counter()
+    d = plots.difference_matrix(*pair)
+    fig = plots.difference_heatmap(d, "resnet50", batches_per_epoch=3_125)
+    fig.savefig(os.path.join(folder, "difference.png"))
+    plots.close(fig)
+    return time.perf_counter() - t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=31_250, help="steps per run (default: 10 epochs x 3,125)")
@@ -83,15 +107,18 @@ def main() -> None:
         compare.compare(run_ids=ids)
         compare_s = time.perf_counter() - t
 
+        heatmap_s = time_heatmap(tmp)
+
     result = {
         "benchmark": "compare_speed", "points_per_run": 5 * args.steps,
         "setup_seconds": round(setup_s, 2), "read_histories_seconds": round(read_s, 2),
-        "compare_seconds": round(compare_s, 2),
+        "compare_seconds": round(compare_s, 2), "heatmap_31250x54_seconds": round(heatmap_s, 2),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
         "mlflow": mlflow.__version__, "date": time.strftime("%Y-%m-%d"),
     }
     print(f"compare of 2 x {5 * args.steps:,} points: {compare_s:.1f} s "
           f"(of which reading both histories ~{read_s:.1f} s); store set-up {setup_s:.0f} s")
+    print(f"difference heatmap of 2 x 31,250 steps x 54 layers: {heatmap_s:.1f} s")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

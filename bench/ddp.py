@@ -13,6 +13,10 @@ float64 probes of every default layer, Adam), eagerly, on synthetic tensors:
   half, alone    1 process, cores / 2 threads, half the batch: exactly one rank's compute,
                  with no communication
 
+It also times how long ``python -m pipeline train --nproc-per-node 2 --batch-size 15`` takes
+to refuse the uneven batch (one line, before torchrun starts any process): the interpreter's
+start, the imports and the preflight.
+
 "2 ranks" minus "half, alone" is what DDP costs per step (gradient all_reduce, probe
 reduction, flag agreement, waiting for the slower rank); "2 ranks" against "1 process" is
 what a user gains or loses by asking for nproc_per_node=2 on this machine. Each figure is
@@ -107,6 +111,22 @@ def measure(world: int, batch: int, threads: int, args: dict) -> float:
         return statistics.median(json.loads(Path(out).read_text()))
 
 
+def time_refusal() -> float:
+    """Seconds until the launcher refuses a batch that does not split over 2 ranks."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "PYTHONPATH": str(root), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/m.db"}
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "pipeline", "train", "--nproc-per-node", "2",
+                               "--batch-size", "15", "--device", "cpu"], cwd=tmp, env=env,
+                              capture_output=True, text=True, timeout=300)
+        took = time.perf_counter() - t
+    assert proc.returncode == 2 and proc.stderr.startswith("error: batch_size:"), proc.stderr
+    return took
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="resnet18")
@@ -137,11 +157,13 @@ def main() -> None:
     print(f"DDP cost per step: {ddp_cost * 1e3:.1f} ms ({ddp_cost / rows['half, alone']:+.0%} "
           f"of one rank's compute); 2 ranks vs 1 process: "
           f"{rows['1 process'] / rows['2 ranks']:.2f}x the throughput")
+    refusal = time_refusal()
+    print(f"an uneven batch refused before any rank starts: {refusal:.1f} s")
     if a.out:
         Path(a.out).write_text(json.dumps({
             "date": datetime.date.today().isoformat(), "machine": platform.processor() or
             platform.machine(), "cores": cores, "torch": torch.__version__, "args": args,
-            "seconds_per_step": rows}, indent=2))
+            "seconds_per_step": rows, "uneven_batch_refused_seconds": refusal}, indent=2))
 
 
 if __name__ == "__main__":

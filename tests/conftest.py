@@ -3,6 +3,10 @@
 Every test that touches MLflow gets its own sqlite store in a temporary directory, and
 runs with that directory as its working directory, so MLflow's default artifact root
 (``./mlruns``) lands there too and nothing is written into the repository.
+
+``require(part, reason)`` is the one policy for a real part a test needs that is missing
+(Chromium, PostgreSQL's binaries, playwright): it skips with a printed reason on a
+developer's machine and fails under ``CI=true``, so CI never goes green by skipping.
 """
 from __future__ import annotations
 
@@ -10,12 +14,49 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pytest
 
 # One home for the paths and the store type, shared with the compare/query/UI helpers.
 from runs_helpers import REPO_ROOT, RUN_VARS, VENV_BIN, Store
+
+
+# --- real parts a test needs ----------------------------------------------------------------
+def under_ci() -> bool:
+    """``CI=true`` (or 1/yes), as CI services and ``.ci/run`` set it."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def require(part: str, reason: str) -> NoReturn:
+    """Call where a real part the test needs (``part``: "chromium", "playwright",
+    "postgresql", ...) is missing; ``reason`` says why and how to install it.
+
+    Under ``CI=true`` the test fails with that one line: a CI that skipped it would be green
+    without having checked anything. Elsewhere it skips, and the reason is printed (and
+    listed by ``-ra``). A part that is there but does not start is a failure everywhere:
+    call ``pytest.fail`` for that, not this.
+    """
+    line = f"{part} is needed and missing: {reason}"
+    if under_ci():
+        pytest.fail(f"CI=true: {line}", pytrace=False)
+    print(f"SKIPPED: {line}", file=sys.stderr)
+    pytest.skip(line)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A ``gpu`` test skips on a machine without CUDA, saying where it runs; under
+    ``GPU_CHECK=1`` (bench/gpu_check.sh, on a GPU machine) a missing GPU fails it instead."""
+    if item.get_closest_marker("gpu") is None:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    if os.environ.get("GPU_CHECK") == "1":
+        pytest.fail("GPU_CHECK=1, but torch sees no CUDA device", pytrace=False)
+    pytest.skip("needs a CUDA GPU (bench/gpu_check.sh runs it on one)")
 
 
 def _store_in(directory: Path) -> Store:
@@ -119,3 +160,32 @@ def make_image_folder(root: Path, classes: int = 10, per_class: dict[str, int] |
                 Image.fromarray(pixels).save(path)
                 written[split].append(path)
     return written
+
+
+def float32_rtol(net, skip: str | None = None) -> float:
+    """How far two float32 computations of one gradient norm may differ (one process against
+    DDP ranks: different batch shapes and thread counts, so different kernels and orders of
+    every float32 sum; each is bitwise reproducible on its own path, neither is exact).
+
+    The norm at the first layer is a chain of dot products through every layer, forward and
+    backward, N = sum over layers of (fan_in + fan_out) products in all. Rounding errors of
+    independent sign add like a random walk, so one float32 result is within ~lambda *
+    sqrt(N) * u of the exact value (u = 2**-24; Higham and Mary, "A new approach to
+    probabilistic rounding error analysis", SIAM J. Sci. Comput. 2019), lambda = 3 for a
+    margin; two results are within twice that. Modules whose name contains ``skip`` are left
+    out (for a network without skips: the downsample convs that never run).
+    """
+    import math
+
+    from torch import nn
+
+    n = 0
+    for name, module in net.named_modules():
+        if skip and skip in name:
+            continue
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            n += (module.in_channels + module.out_channels) * kh * kw
+        elif isinstance(module, nn.Linear):
+            n += module.in_features + module.out_features
+    return 2 * 3 * math.sqrt(n) * 2.0 ** -24

@@ -138,10 +138,17 @@ def test_help_lists_every_config_field_as_an_option_with_its_default(tracking_st
     assert_no_run_was_created(tracking_store.dir)
 
 
-def test_top_level_help_lists_the_train_command(tracking_store):
+def test_top_level_help_lists_exactly_the_commands_with_their_summaries(tracking_store):
     proc = run_pipeline(["--help"], cwd=tracking_store.dir)
     assert proc.returncode == 0, describe_process(proc)
-    assert "train" in proc.stdout
+    assert proc.stdout.startswith("Usage: python -m pipeline [OPTIONS] COMMAND [ARGS]..."), proc.stdout
+    listed = proc.stdout.split("\nCommands:\n", 1)[1].splitlines()
+    commands = dict(line.split(None, 1) for line in listed if line.strip())
+    # The README's commands (train, compare, all, sweep, rerun, sync), each with its summary.
+    assert sorted(commands) == ["all", "compare", "rerun", "sweep", "sync", "train"], commands
+    assert commands["train"].startswith("Train one variant"), commands["train"]
+    assert commands["compare"].startswith("Compare a skip and a no-skip run"), commands["compare"]
+    assert_no_run_was_created(tracking_store.dir)
 
 
 @pytest.mark.parametrize("interrupt, line, code", [

@@ -8,7 +8,6 @@ logged as the training step logs it, and the session's real trained pair.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -125,21 +124,23 @@ def test_runs_sharing_no_step_have_no_difference_matrix():
     assert plots.difference_matrix(a, b) is None
 
 
-def test_a_full_default_runs_difference_heatmap_is_computed_and_drawn_in_seconds(tmp_path):
-    # 10 epochs x 3,125 steps x 54 layers, one dead column: what a real default pair gives.
-    rng = np.random.default_rng(2)
+def full_default_pair(seed: int = 2) -> tuple[dict, dict]:
+    """10 epochs x 3,125 steps x 54 layers, one dead column: what a real default pair gives
+    (bench/compare_speed.py times the heatmap on this pair)."""
+    rng = np.random.default_rng(seed)
     steps, layers = np.arange(31_250), [f"layer{i}" for i in range(54)]
     a = 10.0 ** rng.uniform(-22, 0, (31_250, 54))
     b = 10.0 ** rng.uniform(-3, 0, (31_250, 54))
     b[20_000:, 0] = 0.0
-    start = time.perf_counter()
-    d = plots.difference_matrix(npz_dict(steps, layers, a), npz_dict(steps, layers, b))
+    return npz_dict(steps, layers, a), npz_dict(steps, layers, b)
+
+
+def test_a_full_default_runs_difference_heatmap_is_binned_and_drawn_to_a_small_png(tmp_path):
+    d = plots.difference_matrix(*full_default_pair())
     fig = plots.difference_heatmap(d, "resnet50", batches_per_epoch=3_125)
     fig.savefig(tmp_path / "difference.png")
     plots.close(fig)
-    took = time.perf_counter() - start
     assert d.diff.shape[1] <= plots.DIFFERENCE_MAX_COLUMNS and d.per_column == 53
-    assert took < 15, f"{took:.1f} s"  # ~1-2 s on a 2-core CPU; generous for a busy machine
     assert (tmp_path / "difference.png").stat().st_size < 1_000_000
 
 

@@ -1,18 +1,17 @@
 """DDP: the global batch's norms from ranks that each see a share of it, the launcher's
-checks and failure reports, and the sharding of batches.
+checks, and the sharding of batches.
 
-The equivalence test runs real ``torch.distributed`` with gloo on the CPU (two spawned
-processes) against one process on the whole batch; the end-to-end runs through torchrun
-and ``mlflow run`` are in tests/test_distributed_runs.py (slow).
+The equivalence and reduction tests run real ``torch.distributed`` with gloo on the CPU
+(two spawned processes), the equivalence against one process on the whole batch; the
+end-to-end runs through torchrun and ``mlflow run``, and real failures of a rank with the
+launcher's report of them, are in tests/test_distributed_runs.py (slow).
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -82,15 +81,29 @@ def test_two_gloo_ranks_on_half_batches_log_the_norms_and_reach_the_weights_of_o
     assert not torch.equal(start["conv1.weight"], a["weights"]["conv1.weight"])
 
 
-def test_without_the_one_over_world_size_squared_factor_the_norms_would_be_twice_as_large(tmp_path):
-    # The factor the reduction applies is what makes the test above pass: summing the ranks'
-    # squared local norms alone gives (W^2 / W) = 2x the global squared norm here.
-    cur = torch.tensor([4.0, 9.0, 3.0], dtype=torch.float64)  # two layers' squares, then loss
-    world = 2
-    summed = cur * world  # what all_reduce returns when both ranks hold the same values
-    summed[:-1] *= 1.0 / world ** 2
-    summed[-1:] *= 1.0 / world
-    np.testing.assert_allclose(summed.numpy(), [2.0, 4.5, 3.0])
+def _reduce_on_rank(rank: int, port: int, out: str) -> None:
+    """Each rank's local squared norms (two layers) and loss, through Comm.reduce_probes."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    comm = distributed.Comm(distributed.World(rank, 2, rank, 2), torch.device("cpu"))
+    local = {0: [4.0, 9.0, 3.0], 1: [12.0, 7.0, 1.0]}[rank]
+    cur = torch.tensor(local, dtype=torch.float64)
+    comm.reduce_probes(cur)
+    torch.save(cur, f"{out}.{rank}")
+    comm.close()
+
+
+def test_reduce_probes_gives_every_rank_the_global_squared_norms_and_loss(tmp_path):
+    # Two real gloo ranks with different local values. Each rank's gradient carries a 1/W
+    # factor relative to the global batch's, so the global squared norm is the sum of the
+    # local ones over W^2 = 4, and the global loss the mean of the local ones:
+    # (4 + 12) / 4 = 4, (9 + 7) / 4 = 4, (3 + 1) / 2 = 2.
+    out = str(tmp_path / "reduced")
+    mp.spawn(_reduce_on_rank, args=(free_port(), out), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = torch.load(f"{out}.{rank}")
+        assert got.dtype == torch.float64
+        assert got.tolist() == [4.0, 4.0, 2.0], rank
 
 
 # --- sharding ---------------------------------------------------------------------------------
@@ -137,7 +150,6 @@ def test_the_global_batch_is_what_each_rank_shares():
 
 
 def test_an_uneven_batch_is_refused_in_one_line_before_any_process_starts(tmp_path):
-    started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "pipeline", "train", "--nproc-per-node", "2",
                            "--batch-size", "15", "--device", "cpu"], cwd=tmp_path,
                           env=subprocess_env(), capture_output=True, text=True, timeout=120)
@@ -145,71 +157,8 @@ def test_an_uneven_batch_is_refused_in_one_line_before_any_process_starts(tmp_pa
     lines = proc.stderr.strip().splitlines()
     assert lines == ["error: batch_size: 15 does not split evenly over world_size 2 "
                      "(nproc_per_node x nnodes); allowed: a multiple of 2"], describe(proc)
+    # Refused in the launcher's preflight: torchrun never ran, and nothing touched a store
+    # (a started rank 0 would have made ./mlflow.db). How long the refusal takes is measured
+    # by bench/ddp.py (BENCHMARKS.md), not asserted here.
     assert "torchrun" not in proc.stdout + proc.stderr
-    assert time.monotonic() - started < 60
-
-
-# --- the launcher's report of a failed rank ---------------------------------------------------
-def _report(folder, rank: int, reason: str, when: float, kind: str = "error") -> None:
-    (folder / f"rank-{rank}.json").write_text(json.dumps(
-        {"rank": rank, "kind": kind, "reason": reason, "time": when}))
-
-
-def test_the_first_rank_to_fail_is_named_and_its_run_ends_failed(tracking_store, tmp_path):
-    from mlflow import MlflowClient
-
-    from pipeline import tracking
-
-    client = MlflowClient()
-    run = client.create_run(client.create_experiment("ddp"))
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    (shared / distributed.RUN_ID_FILE).write_text(run.info.run_id)
-    _report(shared, 0, "RuntimeError: Connection closed by peer", when=20.0)
-    _report(shared, 1, "ValueError: a real problem", when=10.0)
-    failure = distributed._failure(shared, {0: 1, 1: 1}, tracking)
-    assert str(failure) == (f"rank 1: ValueError: a real problem; MLflow run {run.info.run_id} "
-                            "ended FAILED")
-    assert failure.exit_code == 1 and not failure.printed
-    ended = client.get_run(run.info.run_id)
-    assert ended.info.status == "FAILED"
-    assert ended.data.tags["error"] == "rank 1: ValueError: a real problem"
-    assert ended.data.tags["ddp.failed_rank"] == "1"
-
-
-def test_a_rank_that_died_without_a_word_is_named_with_its_signal(tracking_store, tmp_path):
-    from mlflow import MlflowClient
-
-    from pipeline import tracking
-
-    client = MlflowClient()
-    run = client.create_run(client.create_experiment("ddp"))
-    (tmp_path / distributed.RUN_ID_FILE).write_text(run.info.run_id)
-    failure = distributed._failure(tmp_path, {1: -9}, tracking)
-    assert str(failure).startswith("rank 1 died (signal 9) without an error message")
-    assert client.get_run(run.info.run_id).info.status == "FAILED"
-
-
-def test_a_users_error_on_rank_0_is_not_printed_twice(tracking_store, tmp_path):
-    from pipeline import tracking
-
-    _report(tmp_path, 0, "data: no images in ./x", when=1.0, kind="user")
-    failure = distributed._failure(tmp_path, {0: 2}, tracking)
-    assert failure.printed and failure.exit_code == 2
-
-
-def test_a_rank_that_only_lost_its_peer_is_not_blamed_for_one_killed_without_a_word(
-        tracking_store, tmp_path):
-    from mlflow import MlflowClient
-
-    from pipeline import tracking
-
-    client = MlflowClient()
-    run = client.create_run(client.create_experiment("ddp"))
-    (tmp_path / distributed.RUN_ID_FILE).write_text(run.info.run_id)
-    (tmp_path / "rank-0.json").write_text(json.dumps(
-        {"rank": 0, "kind": "error", "time": 5.0, "peer": True,
-         "reason": "DistBackendError: Connection closed by peer [127.0.0.1]:4242"}))
-    failure = distributed._failure(tmp_path, {0: 1, 1: -9}, tracking)
-    assert str(failure).startswith("rank 1 died (signal 9) without an error message")
-    assert client.get_run(run.info.run_id).data.tags["ddp.failed_rank"] == "1"
+    assert not (tmp_path / "mlflow.db").exists()

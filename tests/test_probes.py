@@ -366,9 +366,8 @@ def test_removed_probes_record_nothing():
 
 
 # --- (g) no host sync -----------------------------------------------------------------------------
+@pytest.mark.gpu  # only CUDA can detect a device->host sync
 def test_a_probed_step_makes_no_host_sync_on_cuda():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a GPU: only CUDA can detect a device->host sync")
     device = torch.device("cuda")
     model = build_model("resnet50", skip=False).to(device).train()
     probes = GradientProbes(model, config.DEFAULT_LAYERS, flush_every=2, device=device)

@@ -22,7 +22,9 @@ from mlflow import MlflowClient
 
 from pipeline import checkpoint, names
 
-from conftest import describe_process, run_pipeline, subprocess_env, the_error_line
+from conftest import (describe_process, run_mlflow_project, run_pipeline, subprocess_env,
+                      the_error_line)
+from pipeline.config import DEFAULT_EXPERIMENT
 from runs_helpers import RUN_VARS, Store
 from test_outage import MlflowServer
 
@@ -30,6 +32,10 @@ from test_outage import MlflowServer
 TINY = ["--dataset", "synthetic", "--image-size", "32", "--synthetic-size", "40",
         "--synthetic-test-size", "8", "--batch-size", "4", "--num-workers", "0",
         "--device", "cpu", "--flush-every", "2", "--log-model", "false"]
+# Where only the process's behaviour matters (signals, locks), the smallest ResNet; the
+# bit-for-bit resume keeps the README's network (resnet50) and its ~0.2 s steps, which put
+# the kill inside epoch 1.
+SMALL_NET = ["--model", "resnet18"]
 EXACT_KEYS = [names.TRAIN_LOSS, names.TRAIN_ACCURACY, names.TEST_ACCURACY, names.TEST_LOSS,
               "grad_norm/conv1", "grad_norm/layer1.0.conv1", "grad_norm/fc"]
 
@@ -92,11 +98,14 @@ def final_weights(store, run_id: str) -> dict[str, torch.Tensor]:
 
 # --- 1. checkpoints and resume -----------------------------------------------------------
 @pytest.mark.slow
-# With skip=true the resume names only the run: it must rebuild the run's own network, not
-# the launch's default (skip=false), which `mlflow run -P resume=ID` would pass.
-@pytest.mark.parametrize("network", [[], ["--skip", "true"]], ids=["noskip", "skip"])
+# The resume names only the run, through each documented command: `python -m pipeline train
+# --resume ID`, and the README's `mlflow run . -P resume=ID`, which passes every parameter's
+# launch default (skip=false, resnet50, 224 px, cifar10...): with skip=true it must rebuild
+# the run's own network and data, or the numbers would not be the uninterrupted run's.
+@pytest.mark.parametrize("network, command", [([], "python"), (["--skip", "true"], "mlflow run")],
+                         ids=["noskip-python-m-pipeline", "skip-mlflow-run"])
 def test_a_run_killed_mid_epoch_and_resumed_equals_an_uninterrupted_run_bit_for_bit(
-        tracking_store, network):
+        tracking_store, network, command):
     store = tracking_store
     plan = ["--epochs", "2", "--checkpoint-every", "3", "--log-checkpoint", "true", *network]
     proc = run_pipeline(["train", *TINY, *plan], cwd=store.dir, store=store, timeout=300)
@@ -109,13 +118,28 @@ def test_a_run_killed_mid_epoch_and_resumed_equals_an_uninterrupted_run_bit_for_
     victim.wait(timeout=30)
     assert store.client.get_run(run_id).info.status == "RUNNING"  # nobody ended it
 
-    proc = run_pipeline(["train", "--resume", run_id, "--device", "cpu"], cwd=store.dir,
-                        store=store, timeout=300)
+    if command == "python":
+        proc = run_pipeline(["train", "--resume", run_id, "--device", "cpu"], cwd=store.dir,
+                            store=store, timeout=300)
+    else:  # `mlflow run` runs the entry point in the project folder: the checkpoint_dir
+        # the victim used is named, as the printed resume command names a non-default one.
+        proc = run_mlflow_project({"resume": run_id,
+                                   "checkpoint_dir": str(store.dir / "checkpoints")},
+                                  cwd=store.dir, store=store, timeout=300,
+                                  MLFLOW_EXPERIMENT_NAME=DEFAULT_EXPERIMENT)
     assert proc.returncode == 0, describe_process(proc)
     resumed = store.client.get_run(run_id)
     assert resumed.info.status == "FINISHED"
     assert int(resumed.data.tags[names.RESUMED_AT_TAG]) in (6, 9)  # a checkpoint every 3
-    assert len(all_runs(store.client)) == 2  # the same run went on; no new one
+    assert resumed.data.tags[names.VARIANT_TAG] == reference.data.tags[names.VARIANT_TAG]
+    runs = all_runs(store.client)
+    if command == "python":
+        assert len(runs) == 2  # the same run went on; no new one
+    else:  # and the run `mlflow run` opened for the launch says where the training went
+        (launch,) = [r for r in runs if r.info.run_id not in (run_id, reference.info.run_id)]
+        assert launch.data.tags[names.RESUMED_INTO_TAG] == run_id
+        assert launch.data.params["skip"] == "false"  # the launch's default, not the run's
+        assert not [k for k in launch.data.metrics if k.startswith("grad_norm/")]
     for key in EXACT_KEYS:
         got, want = history(store.client, run_id, key), history(store.client, reference.info.run_id, key)
         assert [s for s, _ in got] == [s for s, _ in want], f"{key}: steps missing or repeated"
@@ -178,7 +202,7 @@ def test_a_runs_claim_is_refused_while_its_holder_lives_and_free_once_it_is_kill
 def test_resuming_a_run_its_process_still_trains_is_refused_in_one_line_and_leaves_it_alone(
         tracking_store):
     store, client = tracking_store, tracking_store.client
-    victim = start_training(store, "--epochs", "50")
+    victim = start_training(store, "--epochs", "50", *SMALL_NET)
     try:
         run_id = wait_for_steps(store, victim, at_least=2)
         proc = run_pipeline(["train", "--resume", run_id, "--device", "cpu"], cwd=store.dir,
@@ -242,7 +266,7 @@ def test_resume_of_a_finished_run_is_refused_in_one_line_and_leaves_the_run_as_i
 def test_a_signal_finishes_the_step_flushes_checkpoints_and_ends_the_run_killed(
         tracking_store, sig, code, workers):
     store = tracking_store
-    proc = start_training(store, "--epochs", "5", "--num-workers", str(workers))
+    proc = start_training(store, "--epochs", "5", "--num-workers", str(workers), *SMALL_NET)
     run_id = wait_for_steps(store, proc, at_least=4)
     sent = time.monotonic()
     if workers:
@@ -251,7 +275,7 @@ def test_a_signal_finishes_the_step_flushes_checkpoints_and_ends_the_run_killed(
         proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err[-3000:]
-    assert time.monotonic() - sent < 20  # "within a few seconds" (a step is ~0.2 s here)
+    assert time.monotonic() - sent < 20  # "within a few seconds" (a step is ~0.05 s here)
     run = store.client.get_run(run_id)
     assert run.info.status == "KILLED"
     assert signal.Signals(sig).name in run.data.tags[names.ERROR_TAG]
@@ -273,7 +297,7 @@ def test_a_sigterm_at_any_moment_ends_the_run_mlflow_run_opened_killed_never_run
     run_id = store.client.create_run(store.client.create_experiment("sigterm")).info.run_id
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "train", *TINY, "--epochs", "50",
-         "--num-workers", "2"],
+         "--num-workers", "2", *SMALL_NET],
         cwd=store.dir, env=subprocess_env(store, MLFLOW_RUN_ID=run_id,
                                           MLFLOW_EXPERIMENT_NAME="sigterm"),
         text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)

@@ -13,6 +13,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import describe_process, subprocess_env
 from pipeline import names
-from test_outage import SYNC_LINE, TRAIN, MlflowServer, sync
+from test_outage import SYNC_LINE, TRAIN, MlflowServer, finish, sync
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -32,6 +33,7 @@ ADMIN = "admin"
 ADMIN_PASSWORD = "setup-only-Admin-3390-pw"
 SECRETS = (PASSWORD.encode(), f"{USER}:{PASSWORD}".encode(),
            base64.b64encode(f"{USER}:{PASSWORD}".encode()))
+TOKEN = "tok-Q4mvN8-bearer-7731-zx"  # MLFLOW_TRACKING_TOKEN's value, sent as a bearer header
 CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 
 
@@ -49,7 +51,9 @@ def auth_server(tmp_path_factory):
                    f"database_uri = sqlite:///{directory / 'basic_auth.db'}\n"
                    f"admin_username = {ADMIN}\n"
                    f"admin_password = {ADMIN_PASSWORD}\n"
-                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                   # A password is hashed once a minute, not on every request (~0.4 s of CPU).
+                   "auth_cache_ttl_seconds = 60\n")
     srv = MlflowServer(directory / "server", app_name="basic-auth",
                        env={"MLFLOW_AUTH_CONFIG_PATH": str(ini),
                             "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-flask-secret"})
@@ -91,33 +95,117 @@ def leaks(*roots: Path) -> list[str]:
         files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
         for path in files:
             data = path.read_bytes()
-            found += [f"{path}: {secret!r}" for secret in SECRETS if secret in data]
+            found += [f"{path}: {secret!r}" for secret in (*SECRETS, TOKEN.encode())
+                      if secret in data]
     return found
 
 
-def test_a_run_through_basic_auth_finishes_and_no_credential_is_stored(auth_server, tmp_path,
-                                                                       monkeypatch):
-    spool = tmp_path / "spool"
-    done = train(auth_server, tmp_path / "client", "--max-steps", "6", "--epochs", "1",
-                 MLFLOW_TRACKING_USERNAME=USER, MLFLOW_TRACKING_PASSWORD=PASSWORD,
-                 PIPELINE_SPOOL_DIR=str(spool))
+@pytest.fixture(scope="module")
+def plain_server(tmp_path_factory):
+    """A `mlflow server` without auth: it takes MLFLOW_TRACKING_TOKEN's bearer header (as a
+    server behind a token-checking proxy would) and ignores it."""
+    srv = MlflowServer(tmp_path_factory.mktemp("plain_server") / "server")
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.kill()
+
+
+def client_env(uri: str, **credentials: str) -> dict[str, str]:
+    """A client's environment: ``uri``, the spool and sync settings, and only the given
+    credential variables (none inherited from this process)."""
+    env = subprocess_env(MLFLOW_TRACKING_URI=uri, OMP_NUM_THREADS="1", PIPELINE_SYNC_TIMEOUT="1")
+    for var in CREDENTIAL_VARS:
+        env.pop(var, None)
+    env.update(credentials)
+    return env
+
+
+def wait_for_running_run(srv: MlflowServer, proc: subprocess.Popen, err: Path, at_least: int,
+                         timeout: float = 180) -> str:
+    """The ID of the RUNNING run (the server has older ones), once it holds ``at_least``
+    train/loss points."""
+    client, deadline = MlflowClient(tracking_uri=srv.url), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"training ended early:\n{err.read_text()[-3000:]}"
+        running = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                     "attributes.status = 'RUNNING'")
+        if running and len(client.get_metric_history(running[0].info.run_id,
+                                                     names.TRAIN_LOSS)) >= at_least:
+            return running[0].info.run_id
+        time.sleep(0.2)
+    raise AssertionError(f"no run with {at_least} points within {timeout} s:\n{err.read_text()[-3000:]}")
+
+
+# (server fixture, how the client authenticates, the secrets it must never write)
+CREDENTIALS = {
+    "username-and-password": ("auth_server", "env", SECRETS),
+    "token": ("plain_server", "token", (TOKEN.encode(),)),
+    "password-in-the-uri": ("auth_server", "uri", SECRETS),
+}
+
+
+@pytest.mark.parametrize("form", list(CREDENTIALS))
+def test_no_credential_reaches_a_param_tag_note_artifact_the_console_or_the_spool(
+        request, form, tmp_path, monkeypatch):
+    """A real training run whose server dies near its end, so its last writes wait in a
+    spool that `sync` then delivers, with the credential given each way MLflow takes one.
+    The secret is searched for in the console output of both commands, the spool's files
+    (spool.json, the journal, the copied artifacts), the run's params, tags and note, every
+    artifact, and the server's database and artifact folder."""
+    from mlflow.artifacts import download_artifacts
+
+    fixture, how, secrets = CREDENTIALS[form]
+    srv = request.getfixturevalue(fixture)
+    as_user(monkeypatch)  # this process reads the results with the user's own login
+    uri = srv.url
+    credentials = {"env": {"MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": PASSWORD},
+                   "token": {"MLFLOW_TRACKING_TOKEN": TOKEN}, "uri": {}}[how]
+    if how == "uri":
+        uri = srv.url.replace("http://", f"http://{USER}:{PASSWORD}@")
+    env = client_env(uri, PIPELINE_SPOOL_DIR=str(tmp_path / "spool"), **credentials)
+    cwd = tmp_path / "client"
+    cwd.mkdir()
+    err = cwd / "train.stderr"
+    with open(err, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", *TRAIN, "--max-steps", "40",
+                                 "--epochs", "3"], cwd=cwd, env=env,
+                                stdout=subprocess.PIPE, stderr=f, text=True)
+    try:
+        run_id = wait_for_running_run(srv, proc, err, at_least=4)
+        srv.kill()  # the rest of the points, the artifacts, the note and the end wait
+    finally:
+        done = finish(proc, err)
     assert done.returncode == 0, describe_process(done)
-    assert PASSWORD not in done.stdout + done.stderr
+    line = [x for x in done.stderr.splitlines() if "pipeline sync" in x]
+    assert len(line) == 1, done.stderr[-3000:]
+    folder = Path(SYNC_LINE.search(line[0]).group(1))
+    assert {p.name for p in folder.iterdir()} >= {"spool.json", "journal.jsonl"}
+    # The spool names the server without any user:password@, and holds no secret anywhere.
+    assert json.loads((folder / "spool.json").read_text())["tracking_uri"] == srv.url
+    assert leaks(folder) == []
 
-    as_user(monkeypatch)
-    client = MlflowClient(tracking_uri=auth_server.url)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert [r.info.status for r in runs] == ["FINISHED"]
-    run = runs[0]
-    assert run.data.tags["mlflow.user"] != PASSWORD
-    logged = json.dumps([run.data.params, run.data.tags])
-    assert PASSWORD not in logged and not any(v in logged for v in CREDENTIAL_VARS)
-    config = client.download_artifacts(run.info.run_id, names.CONFIG_JSON, str(tmp_path / "dl"))
-    assert PASSWORD not in Path(config).read_text()
+    srv.start()
+    synced = subprocess.run([sys.executable, "-m", "pipeline", "sync", str(folder)], cwd=cwd,
+                            env=env, capture_output=True, text=True, timeout=180)
+    assert synced.returncode == 0, describe_process(synced)
+    assert not folder.exists()
+    console = (done.stdout + done.stderr + synced.stdout + synced.stderr).encode()
+    assert [s for s in secrets if s in console] == [], [l for l in console.decode().splitlines() if PASSWORD in l]
 
-    assert auth_server.db.exists() and list(auth_server.artifacts.rglob(names.CONFIG_JSON))
-    assert leaks(auth_server.db, auth_server.artifacts, tmp_path / "client") == []
-    assert not spool.exists() or leaks(spool) == []
+    client = MlflowClient(tracking_uri=srv.url)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"  # delivered: the run is complete
+    assert names.NOTE_TAG in run.data.tags and names.CONFIG_JSON in {
+        a.path for a in client.list_artifacts(run_id)}
+    logged = json.dumps([run.data.params, run.data.tags]).encode()
+    assert [s for s in secrets if s in logged] == []
+    assert not any(var in logged.decode() for var in CREDENTIAL_VARS)
+    everything = Path(download_artifacts(run_id=run_id, dst_path=str(tmp_path / "artifacts"),
+                                         tracking_uri=srv.url))
+    assert len([p for p in everything.rglob("*") if p.is_file()]) >= 4  # config, plots, JSON
+    assert leaks(everything, srv.db, srv.artifacts, cwd) == []
 
 
 def test_a_spool_written_under_basic_auth_holds_no_credential(auth_server, tmp_path,

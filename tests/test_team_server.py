@@ -7,9 +7,11 @@ PostgreSQL too). Two training processes log to it at the same time, as two machi
 then a compare process, all with credentials in environment variables; the test reads
 everything back through the tracking API, and checks where the bytes landed.
 
-Needs PostgreSQL's server binaries (`apt-get install postgresql`); where they are missing or
-the cluster cannot start, the tests are skipped with the reason printed, never passed. Set
-PG_BIN to the folder holding initdb and pg_ctl when they live elsewhere.
+Needs PostgreSQL's server binaries (`apt-get install postgresql`); where they are missing the
+tests skip with the reason printed, and fail under CI=true (``conftest.require``). A cluster
+that is there but does not start (initdb fails, the server does not come up) is real
+breakage: a failure everywhere. Set PG_BIN to the folder holding initdb and pg_ctl when they
+live elsewhere.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import describe_process, subprocess_env
+from conftest import describe_process, require, subprocess_env
 from runs_helpers import REPO_ROOT, RUN_VARS, Store, free_port, wait_for_health
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -51,11 +53,6 @@ database_uri = {database_uri}
 admin_username = {admin}
 auth_cache_ttl_seconds = 60
 """
-
-
-def _skip(reason: str):
-    print(f"SKIPPED team server test: {reason}", file=sys.stderr)
-    pytest.skip(reason)
 
 
 # --- a throw-away PostgreSQL -------------------------------------------------------------
@@ -107,18 +104,20 @@ def postgres():
     bin_dir = postgres_bin_dir()
     if bin_dir is None:
         where = os.environ.get("PG_BIN") or "/usr/lib/postgresql/*/bin or PATH"
-        _skip(f"PostgreSQL's server binaries (initdb, pg_ctl, createdb) are not in {where}; "
-              "apt-get install -y postgresql")
+        require("postgresql", f"its server binaries (initdb, pg_ctl, createdb) are not in "
+                              f"{where}; apt-get install -y postgresql")
     as_owner: tuple[str, ...] = ()
     owner = None
     if os.geteuid() == 0:
         try:
             owner = pwd.getpwnam("postgres")
         except KeyError:
-            _skip("running as root, and initdb refuses root: no 'postgres' user to run it as")
+            require("postgresql", "running as root, and initdb refuses root: no 'postgres' "
+                                  "user to run it as (Debian's postgresql package creates it)")
         runuser = shutil.which("runuser")
         if runuser is None:
-            _skip("running as root, and initdb refuses root: no runuser to become 'postgres'")
+            require("postgresql", "running as root, and initdb refuses root: no runuser to "
+                                  "become 'postgres' (util-linux)")
         as_owner = (runuser, "-u", "postgres", "--")
     # Not under pytest's tmp_path: as root that sits in a folder only root may enter.
     directory = Path(tempfile.mkdtemp(prefix="team-server-pg-"))
@@ -135,7 +134,8 @@ def postgres():
                       f"--pwfile={pwfile}", "--auth-local=trust", "--auth-host=scram-sha-256",
                       "-E", "UTF8", "--locale=C", "--no-sync")
         if proc.returncode != 0:
-            _skip(f"initdb failed: {(proc.stdout + proc.stderr)[-1500:]}")
+            pytest.fail(f"postgresql: initdb failed: {(proc.stdout + proc.stderr)[-1500:]}",
+                        pytrace=False)
         # Throw-away data: no fsync. Listens on 127.0.0.1 only; its socket in its own folder.
         options = f"-h {pg.host} -p {pg.port} -k {directory} -F -c full_page_writes=off"
         proc = pg.run("pg_ctl", "-D", str(directory / "data"), "-l", str(directory / "log"),
@@ -143,8 +143,9 @@ def postgres():
         started = proc.returncode == 0
         if not started:
             log = directory / "log"
-            _skip(f"PostgreSQL did not start: {(proc.stdout + proc.stderr)[-800:]}"
-                  f"{log.read_text()[-1500:] if log.exists() else ''}")
+            pytest.fail(f"postgresql: the server did not start: "
+                        f"{(proc.stdout + proc.stderr)[-800:]}"
+                        f"{log.read_text()[-1500:] if log.exists() else ''}", pytrace=False)
         print(f"PostgreSQL {bin_dir.parent.name} on {pg.host}:{pg.port}, data in {directory}",
               file=sys.stderr)
         yield pg

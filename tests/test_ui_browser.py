@@ -5,7 +5,8 @@ from them. Screenshots go to tests/artifacts/ui/ (ignored by git), where a perso
 at them; each path is printed.
 
 Needs Debian's chromium (/usr/bin/chromium) and Playwright's Python package; where either
-is missing the tests are skipped with the reason printed, never passed.
+is missing the tests skip with the reason printed, and fail under CI=true
+(``conftest.require``). A Chromium that is there but does not start is a failure everywhere.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require
 from pipeline import compare
 from runs_helpers import (REPO_ROOT, VENV_BIN, deactivate_store, free_port, new_store,
                           trained_pair)  # noqa: F401 - trained_pair is a fixture
@@ -31,19 +33,15 @@ SCREENSHOTS = REPO_ROOT / "tests" / "artifacts" / "ui"
 LOAD_MS = 60_000
 
 
-def _skip(reason: str):
-    print(f"SKIPPED browser test: {reason}", file=sys.stderr)
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def sync_playwright():
     if not CHROMIUM.exists():
-        _skip(f"{CHROMIUM} is not installed (apt-get install -y chromium)")
+        require("chromium", f"{CHROMIUM} is not installed (apt-get install -y chromium)")
     try:
         from playwright.sync_api import sync_playwright as sp
     except ImportError as e:
-        _skip(f"playwright's Python package cannot be imported ({e}); pip install playwright")
+        require("playwright", f"its Python package cannot be imported ({e}); "
+                              "make install-test installs it")
     return sp
 
 
@@ -111,7 +109,11 @@ def server(sync_playwright, store_with_runs):
 @pytest.fixture(scope="module")
 def browser(sync_playwright, server):
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        except Exception as e:  # noqa: BLE001 - installed but broken: a failure, not a skip
+            pytest.fail(f"chromium: {CHROMIUM} is installed but did not start: "
+                        f"{' '.join(str(e).split())[:500]}", pytrace=False)
         try:
             yield b
         finally:

@@ -140,6 +140,8 @@ def check_access() -> None:
     refuse_file_store(uri)
     if not uri.startswith(("http://", "https://")) or uri in _ACCESS_CHECKED:
         return
+    no_url_with_credentials_on_stdout(uri)
+    _check_answers(uri)
     try:
         MlflowClient().search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 - re-raised unless it is one of ours
@@ -148,6 +150,39 @@ def check_access() -> None:
             raise
         raise mine from None
     _ACCESS_CHECKED.add(uri)
+
+
+def no_url_with_credentials_on_stdout(uri: str) -> None:
+    """MLflow prints "View run ... at: <tracking URI>/#/..." when a run ends; with a
+    ``user:password@`` URI that line would carry the password, so it is turned off
+    (MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT, unless set) for this process."""
+    if public_uri(uri) != uri:
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+# s one request may take once a run has started (spool.FAIL_FAST_ENV), and the one try a
+# server that takes the connection gets to answer at the start of a run.
+HTTP_REQUEST_TIMEOUT_S = 20
+
+
+def _check_answers(uri: str) -> None:
+    """A server that takes the connection and never answers: one line after one try of
+    MLFLOW_HTTP_REQUEST_TIMEOUT (20 s unless set), where MLflow's client would wait 8 tries
+    of 120 s (~20 min). A server that is still starting refuses the connection instead, and
+    MLflow's retries in ``check_access`` wait for it; any answer at all (even an error page)
+    passes, and refused, reset or TLS errors are left to MLflow's client."""
+    import requests
+
+    timeout = float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or HTTP_REQUEST_TIMEOUT_S)
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except requests.Timeout:
+        raise TrackingError(f"tracking: the tracking server at {public_uri(uri)} took the "
+                            f"connection but did not answer within {timeout:.0f} s "
+                            "(MLFLOW_HTTP_REQUEST_TIMEOUT); check that it is running and not "
+                            "overloaded, or point MLFLOW_TRACKING_URI at a running one") from None
+    except requests.RequestException:
+        pass
 
 
 def short(error: BaseException) -> str:

@@ -22,7 +22,8 @@ from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from .credentials import TrackingError, access_error, public_uri, short
+from .credentials import (HTTP_REQUEST_TIMEOUT_S, TrackingError, access_error,
+                          no_url_with_credentials_on_stdout, public_uri, short)
 
 MAX_METRICS_PER_CALL = 1000  # MLflow's log_batch limit
 SPOOL_DIR_ENV = "PIPELINE_SPOOL_DIR"        # where spools go (default ./mlflow-spool)
@@ -40,7 +41,7 @@ DEFAULT_SYNC_TIMEOUT = 30.0
 # params) keeps MLflow's patient defaults: a server that is still starting is waited for.
 FAIL_FAST_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": str(HTTP_REQUEST_TIMEOUT_S)}
 
 
 def fail_fast() -> list[str]:
@@ -311,6 +312,7 @@ def _sync_one(folder: Path, echo: Callable[[str], None]) -> None:
                 raise TrackingError(f"sync: the run's own process (pid {spool.meta['pid']}) "
                                     f"is still delivering {folder}; wait for it to end")
     uri = os.environ.get("MLFLOW_TRACKING_URI") or spool.meta["tracking_uri"]
+    no_url_with_credentials_on_stdout(uri)
     client = MlflowClient(tracking_uri=uri)
     points, writes = spool.counts()
     echo(f"sync: run {run_id}: {points} points and {writes} other writes from {folder} "
