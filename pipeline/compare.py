@@ -306,7 +306,7 @@ def compare(experiment: str | None = None, run_ids: list[str] | None = None,
     panels = panel_layers(chosen)
     differences = read_differences(runs, chosen if layers else None, quantities, rename)
     # Not refused: comparing other settings can be deliberate; but never silent.
-    differing = differing_params(runs)
+    differing = differing_params(runs, None if label in LABEL_BY else label)
     if differing:
         click.echo(f"compare: warning: {differences_line(differing, labels)}", err=True)
     parts = []

@@ -58,12 +58,14 @@ def _param_of(run, name: str):
     return None if raw is None else query.param_value(name, raw)
 
 
-def differing_params(runs: dict[str, object]) -> list[tuple[str, str, str]]:
+def differing_params(runs: dict[str, object], labelled_by: str | None = None
+                     ) -> list[tuple[str, str, str]]:
     """``(param, first run's value, second's)`` for each training parameter the two runs
-    differ in (apart from ``skip``, for a skip pair), in Config's order, then
-    ``world_size``; values compared parsed (``1e-3`` is ``0.001``), shown canonical,
-    "not logged" where a run lacks the param."""
+    differ in (apart from ``skip``, for a skip pair, and the param ``labelled_by``, whose
+    difference is the point), in Config's order, then ``world_size``; values compared
+    parsed (``1e-3`` is ``0.001``), shown canonical, "not logged" where a run lacks it."""
     inert = INERT_PARAMS if is_skip_pair(runs) else INERT_PARAMS - {"skip"}
+    inert = inert | {labelled_by} if labelled_by else inert
     candidates = [f.name for f in fields(Config) if f.name not in inert]
     found = []
     for name in [*candidates, names.WORLD_SIZE_PARAM]:

@@ -235,3 +235,19 @@ def test_compare_of_a_real_run_trained_with_batch_norm_at_another_size_names_exa
         assert tags[TAG] == "batch_norm,image_size"
     finally:
         deactivate_store()
+
+
+def test_runs_labelled_by_a_param_are_not_warned_of_that_param_but_of_any_other(mlflow_store, capfd):
+    rng = np.random.default_rng(3)
+    c, exp = mlflow_store.client, mlflow_store.project_experiment_id()
+    ids = [make_training_run(c, exp, "noskip",
+                             {layer: level(rng, 0.1, 8) for layer in ("conv1", "fc")}, 4,
+                             params=logged_params(lr=lr, seed=seed)).run_id
+           for lr, seed in (("0.001", "0"), ("0.01", "1"))]
+    capfd.readouterr()
+    run = c.get_run(compare.compare(run_ids=ids, label="lr"))
+    assert run.data.tags[names.COMPARE_LABELS_TAG] == "lr_0.001,lr_0.01"
+    assert run.data.tags[TAG] == "seed"  # lr is what the runs are compared by
+    assert [w for w in warnings_in(capfd.readouterr().err)] == [
+        "compare: warning: the runs differ in seed (lr_0.001 0, lr_0.01 1); the comparison "
+        "mixes these in any difference between them"]
