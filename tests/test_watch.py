@@ -6,6 +6,7 @@ The compiled model is in test_watch_compile.py, the Lightning callback in test_l
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import subprocess
 import sys
@@ -496,3 +497,9 @@ def test_compare_of_two_watched_runs_of_different_networks_has_a_skip_pairs_arti
     layers = tags[names.COMPARE_LAYERS_TAG].split(",")
     assert layers[0] == "stem vs inp" and layers[-1] == "head vs out"
     assert len(layers) == min(len(LAYERS), len(w.layers))
+    # Chartable: the decades at each layer pair; no test accuracy (neither run logged one),
+    # left out rather than a NaN in the runs table.
+    metrics = client.get_run(compare_id).data.metrics
+    assert {k for k in metrics if k.startswith("compare/")} == {
+        names.compare_decades(layer) for layer in layers}
+    assert all(math.isfinite(metrics[names.compare_decades(layer)]) for layer in layers)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shlex
 import shutil
@@ -202,10 +203,13 @@ class Tracker:
         self._writer.queue.put(("metrics", batch, None))
 
     def log_totals(self, metrics: dict[str, float]) -> None:
-        """Points at step 0, sent now (after ``flush``, when the writer thread is gone)."""
+        """Points at step 0, sent now (after ``flush``, when the writer thread is gone). A
+        summary that is undefined (NaN: a median of 0 has no decades, a watched run no test
+        accuracy) is left out, so the runs table shows a blank, not a NaN to chart."""
         ms = int(time.time() * 1000)
-        self._outbox.send({"op": "metrics",
-                           "metrics": [(k, float(v), ms, 0) for k, v in metrics.items()]})
+        points = [(k, float(v), ms, 0) for k, v in metrics.items() if math.isfinite(v)]
+        if points:
+            self._outbox.send({"op": "metrics", "metrics": points})
 
     def wait(self) -> None:
         """Block until every point queued so far is in the store, or in the spool while the
