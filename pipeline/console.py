@@ -13,7 +13,7 @@ import sys
 import urllib.parse
 from typing import Sequence, TextIO
 
-from . import health
+from . import health, names
 
 # ANSI colours of the statuses (SGR codes); none off a terminal.
 _COLOURS = {"Healthy": "32", "healthy": "32", "Weak": "33", "Tiny": "33", "Vanishing": "31",
@@ -75,10 +75,11 @@ def how_to_open(tracking_uri: str, experiment_id: str, run_id: str) -> list[str]
     """A server's URL for the run; for a local store, the `mlflow ui` command that serves
     it, then the URL. ``tracking_uri`` is shown as given, so pass it without credentials."""
     scheme = urllib.parse.urlsplit(tracking_uri).scheme
+    report = f"  report: {names.REPORT_HTML} in the run's Artifacts tab (the answer on one page)"
     if scheme in ("http", "https"):
-        return [f"  open: {run_url(tracking_uri, experiment_id, run_id)}"]
+        return [f"  open: {run_url(tracking_uri, experiment_id, run_id)}", report]
     return [f"  open: mlflow ui --backend-store-uri {tracking_uri}",
-            f"        then {run_url(DEFAULT_UI, experiment_id, run_id)}"]
+            f"        then {run_url(DEFAULT_UI, experiment_id, run_id)}", report]
 
 
 def say(lines: Sequence[str], stream: TextIO | None = None) -> None:

@@ -177,7 +177,8 @@ def test_against_a_tracking_server_the_answer_ends_with_the_runs_url_in_the_ml_v
     from pipeline import console
 
     assert console.how_to_open("https://mlflow.lab:5000/", "3", "abc") == [
-        "  open: https://mlflow.lab:5000/#/experiments/3/runs/abc?workflowType=machine_learning"]
+        "  open: https://mlflow.lab:5000/#/experiments/3/runs/abc?workflowType=machine_learning",
+        "  report: report.html in the run's Artifacts tab (the answer on one page)"]
     local = console.how_to_open("sqlite:///mlflow.db", "3", "abc")
     assert local[0] == "  open: mlflow ui --backend-store-uri sqlite:///mlflow.db"
     assert local[1].endswith("http://127.0.0.1:5000/#/experiments/3/runs/abc"
