@@ -73,7 +73,8 @@ def run_url(base: str, experiment_id: str, run_id: str) -> str:
 
 def how_to_open(tracking_uri: str, experiment_id: str, run_id: str) -> list[str]:
     """A server's URL for the run; for a local store, the `mlflow ui` command that serves
-    it, then the URL. ``tracking_uri`` is shown as given, so pass it without credentials."""
+    it, then the URL; then where its report.html is. ``tracking_uri`` is shown as given, so
+    pass it without credentials."""
     scheme = urllib.parse.urlsplit(tracking_uri).scheme
     report = f"  report: {names.REPORT_HTML} in the run's Artifacts tab (the answer on one page)"
     if scheme in ("http", "https"):

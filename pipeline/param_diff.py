@@ -65,7 +65,8 @@ def differing_params(runs: dict[str, object], labelled_by: str | None = None
     difference is the point), in Config's order, then ``world_size``; values compared
     parsed (``1e-3`` is ``0.001``), shown canonical, "not logged" where a run lacks it."""
     inert = INERT_PARAMS if is_skip_pair(runs) else INERT_PARAMS - {"skip"}
-    inert = inert | {labelled_by} if labelled_by else inert
+    if labelled_by:
+        inert = inert | {labelled_by}
     candidates = [f.name for f in fields(Config) if f.name not in inert]
     found = []
     for name in [*candidates, names.WORLD_SIZE_PARAM]:

@@ -160,8 +160,8 @@ def no_url_with_credentials_on_stdout(uri: str) -> None:
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
-# s one request may take once a run has started (spool.FAIL_FAST_ENV), and the one try a
-# server that takes the connection gets to answer at the start of a run.
+# Seconds one request may take once a run has started (spool.FAIL_FAST_ENV), and the one try
+# a server that takes the connection gets to answer at the start of a run.
 HTTP_REQUEST_TIMEOUT_S = 20
 
 
