@@ -532,6 +532,6 @@ def test_mlflow_run_compare_entry_point_leaves_a_finished_compare_run(mlflow_sto
     assert run.data.tags["compare.noskip_run"] == runs["noskip"].run_id
     assert run.data.tags["compare.skip_run"] == runs["skip"].run_id
     assert run.data.params == {"experiment": "auto", "runs": "latest", "layers": "shared",
-                               "quantity": "auto"}
+                               "quantity": "auto", "label": "auto"}
     assert {f.path for f in mlflow_store.client.list_artifacts(run.info.run_id, "comparison")} \
         == set(ARTIFACTS)

@@ -151,6 +151,8 @@ def test_experiment_page_lists_both_training_runs_and_the_compare_run(server, pa
     screenshot(page, "experiment_runs.png")
     # The chart view overlays every run's grad_norm/* series.
     page.locator('label:has(input[name="runs-view-mode"][value="CHART"])').click()
+    # Sections are drawn once scrolled into view; grad_norm's comes after the compare run's.
+    page.get_by_text("grad_norm", exact=True).first.scroll_into_view_if_needed()
     page.get_by_text("grad_norm/conv1").first.wait_for(state="visible")
     page.locator(".js-plotly-plot").first.wait_for(state="visible")
     for run in ("resnet50-noskip", "resnet50-skip"):
