@@ -336,10 +336,12 @@ def test_the_done_when_command_runs_the_default_grid_under_mlflow_run(mlflow_sto
     store = mlflow_store_for_slow
     # `mlflow run` starts the command in the project folder: the cells' checkpoints (each
     # deleted once its cell finishes) go to this test's folder instead.
-    # The README's command has max_steps=50; 2 steps per cell make the same grid, runs and
-    # artifacts (how long 50 take is in the README's table, measured, not asserted here).
+    # The README's command has max_steps=50; 2 steps per cell, on 32 training and 16 test
+    # images, make the same grid, runs and artifacts (how long 50 take is in the README's
+    # table, measured, not asserted here).
     proc = run_mlflow(store, "sweep", {"dataset": "synthetic", "image_size": "32",
-                                       "max_steps": "2",
+                                       "max_steps": "2", "synthetic_size": "32",
+                                       "synthetic_test_size": "16",
                                        "checkpoint_dir": str(store.dir / "checkpoints")},
                       timeout=3600)
     assert proc.returncode == 0, describe(proc)
