@@ -48,7 +48,7 @@ run: install
 # Test processes (pytest-xdist): "auto" is one per CPU core; JOBS=0 runs in this process.
 # A test file stays on one process (--dist loadfile), so a module's one server or one pair of
 # trained runs is made once. Most of a test's time is a child process importing torch and
-# MLflow on one core: 2 processes took the default suite from 9.7 to 6.2 minutes on 2 cores.
+# MLflow on one core: 2 processes took the default suite from 9.7 to 6.0 minutes on 2 cores.
 JOBS    ?= auto
 PYTEST  = PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -n $(JOBS) --dist loadfile
 
