@@ -151,8 +151,7 @@ def test_experiment_page_lists_both_training_runs_and_the_compare_run(server, pa
     screenshot(page, "experiment_runs.png")
     # The chart view overlays every run's grad_norm/* series.
     page.locator('label:has(input[name="runs-view-mode"][value="CHART"])').click()
-    # Sections are drawn once scrolled into view; grad_norm's comes after the compare run's.
-    page.get_by_text("grad_norm", exact=True).first.scroll_into_view_if_needed()
+    show_section(page, "grad_norm")  # below the compare run's summary metrics
     page.get_by_text("grad_norm/conv1").first.wait_for(state="visible")
     page.locator(".js-plotly-plot").first.wait_for(state="visible")
     for run in ("resnet50-noskip", "resnet50-skip"):
@@ -209,10 +208,13 @@ TICKS_OF = """series => {
 }"""
 
 
-def _ticks(page, series: str) -> list[float]:
-    # The UI draws a section's charts once it scrolls into view: its heading first.
-    section = series.split("(")[1].split("/")[0]
+def show_section(page, section: str) -> None:
+    """Scroll a chart section's heading into view: the UI draws its charts only then."""
     page.get_by_text(section, exact=True).first.scroll_into_view_if_needed()
+
+
+def _ticks(page, series: str) -> list[float]:
+    show_section(page, series.split("(")[1].split("/")[0])
     page.get_by_text(series).first.scroll_into_view_if_needed()
     page.wait_for_function(f"() => ({TICKS_OF})({series!r}).some(t => t.length > 1)",
                            timeout=LOAD_MS)
